@@ -1,0 +1,20 @@
+"""mae_fast: fused Triton and C++/CUDA kernels for Masked Autoencoder pretraining.
+
+Submodules: ``reference`` (the eager baseline), ``ops`` (the fused ops), ``kernels``
+(Triton kernels), ``cli`` (the ``mae-fast`` command).
+"""
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (must load before the extension: it links against libtorch)
+
+try:
+    from . import _C  # noqa: F401  (loads the native extension; its ops register themselves)
+except ImportError as e:  # pragma: no cover - only when the package was not built
+    raise ImportError(
+        "mae_fast's native extension mae_fast._C is not built. From the repository run "
+        f"`make setup` (or `pip install --no-build-isolation -e .`). Cause: {e}"
+    ) from e
+
+from . import ops, reference  # noqa: E402,F401
+
+__all__ = ["ops", "reference", "__version__"]

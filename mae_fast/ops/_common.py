@@ -1,0 +1,87 @@
+"""Shared plumbing for the public ops: where an op runs and how its inputs are checked.
+
+Dispatch rule (every op follows it):
+- CUDA tensors run the fast path (Triton kernels / the CUDA extension);
+- CPU tensors run the plain torch path, except under ``TRITON_INTERPRET=1``, where the
+  Triton kernels run through Triton's interpreter (this is how CI exercises them).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` takes the Triton path (see the module docstring)."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret())
+
+
+def check_indices_enabled(flag: Optional[bool] = None) -> bool:
+    """Range-check index tensors? An explicit argument wins, else ``MAE_FAST_CHECK_INDICES=1``."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get("MAE_FAST_CHECK_INDICES", "0") == "1"
+
+
+def _fmt_shape(shape: Iterable) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Validate one argument; raise TypeError/ValueError naming it, the expectation and what came."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {_fmt_shape(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Iterable) -> None:
+    """Check ``t.shape`` against ``expected`` (None entries match anything)."""
+    expected = tuple(expected)
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        exp = _fmt_shape("*" if e is None else e for e in expected)
+        raise ValueError(f"{name} must have shape {exp}, got {_fmt_shape(t.shape)}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    """All given (non-None) tensors on one device; return it."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(f"{k} is on {v.device} but {items[0][0]} is on {dev}; all inputs must share a device")
+    return dev
+
+
+def check_index_range(name: str, ids: torch.Tensor, upper: int) -> None:
+    """Every entry of ``ids`` in [0, upper) (a device sync: only when index checks are on)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= upper):
+        raise ValueError(
+            f"{name} has entries outside [0, {upper}): min {int(ids.min())}, max {int(ids.max())}"
+        )
