@@ -1,1 +1,378 @@
-"""placeholder during bring-up"""
+"""The reference MAE: the published algorithm (He et al. 2021), written plainly and eagerly.
+
+This is the baseline for every parity test and every benchmark. Names, constructor
+arguments, parameter names/shapes/registration order and initialisation follow the official
+``models_mae.py`` (facts in shared/REFERENCE_FACTS.md), so official checkpoints load into it.
+Blocks follow timm's layout (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
+``mlp.fc2``) with attention through ``F.scaled_dot_product_attention``.
+
+Beyond the official code: non-square images (``img_size=(H, W)``), any ``in_chans``, and an
+optional ``noise`` argument that makes the mask reproducible (used exactly as the official
+random_masking uses its uniform noise).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Size2 = Union[int, Tuple[int, int]]
+
+
+def _pair(x: Size2) -> Tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair, got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+# --------------------------------------------------------------------------- position tables
+def sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """1-D sin-cos table [len(pos), embed_dim]: [sin(pos*omega), cos(pos*omega)] concatenated."""
+    if embed_dim % 2:
+        raise ValueError(f"embed_dim must be even for a sin-cos table, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # [D/2]
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)  # [M, D/2]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # [M, D]
+
+
+def sincos_2d(embed_dim: int, grid_size: Size2, cls_token: bool = False) -> np.ndarray:
+    """2-D sin-cos table [(1 +) gh*gw, embed_dim] in float64.
+
+    Token t = row*gw + col; the first half of the channels encodes the column index, the
+    second half the row index (the official layout). The cls row, if asked for, is zeros.
+    """
+    gh, gw = _pair(grid_size)
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for a 2-D sin-cos table, got {embed_dim}")
+    rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)  # [L, D]
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)  # [1+L, D]
+    return emb
+
+
+# --------------------------------------------------------------------------- patches and masking
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """imgs [N, C, H, W] -> [N, h*w, p*p*C], patch vector order (p-row, p-col, channel)."""
+    N, C, H, W = imgs.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size ({H}, {W}) is not divisible by patch_size {p}")
+    h, w = H // p, W // p
+    x = imgs.reshape(N, C, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)  # [N, h, w, p, p, C]
+    return x.reshape(N, h * w, p * p * C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, image_size: Optional[Size2] = None, in_chans: int = 3) -> torch.Tensor:
+    """[N, h*w, p*p*C] -> imgs [N, C, H, W]; square grid unless ``image_size=(H, W)`` is given."""
+    N, L, E = x.shape
+    p = patch_size
+    if E != p * p * in_chans:
+        raise ValueError(f"x last dim must be p*p*in_chans = {p * p * in_chans}, got {E}")
+    if image_size is None:
+        h = w = int(round(L**0.5))
+    else:
+        H, W = _pair(image_size)
+        h, w = H // p, W // p
+    if h * w != L:
+        raise ValueError(f"x has {L} patches, which does not fit a {h}x{w} grid")
+    x = x.reshape(N, h, w, p, p, in_chans)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # [N, C, h, p, w, p]
+    return x.reshape(N, in_chans, h * p, w * p)
+
+
+def num_kept(num_tokens: int, mask_ratio: float) -> int:
+    """K = int(L * (1 - mask_ratio)), the official truncation."""
+    return int(num_tokens * (1 - mask_ratio))
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+    """Per-sample random masking by argsort of uniform noise (small noise = kept).
+
+    x [N, L, D] -> (x_masked [N, K, D], mask [N, L] (1 = removed), ids_restore [N, L], ids_keep [N, K]).
+    ``noise`` [N, L], if given, is used as is.
+    """
+    N, L, D = x.shape
+    K = num_kept(L, mask_ratio)
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)  # [N, L]
+    ids_shuffle = torch.argsort(noise, dim=1)  # [N, L]
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # [N, L]
+    ids_keep = ids_shuffle[:, :K]  # [N, K]
+    x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))  # [N, K, D]
+    mask = torch.ones(N, L, device=x.device)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # [N, L]
+    return x_masked, mask, ids_restore, ids_keep
+
+
+def patch_loss(
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix_loss: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The official forward_loss: mean squared error per patch, averaged over removed patches.
+
+    imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L] (1 = counted). With norm_pix_loss each
+    target patch is normalised by its own mean and unbiased variance: (t - mean) / sqrt(var + eps).
+    """
+    target = patchify(imgs, patch_size)  # [N, L, p*p*C]
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased
+        target = (target - mean) / (var + eps) ** 0.5
+    loss = (pred - target) ** 2
+    loss = loss.mean(dim=-1)  # [N, L]
+    return (loss * mask).sum() / mask.sum()
+
+
+# --------------------------------------------------------------------------- timm-style layers
+class PatchEmbed(nn.Module):
+    """Image to patch embeddings with a Conv2d of kernel = stride = patch_size (timm's layout)."""
+
+    def __init__(self, img_size: Size2 = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        H, W = self.img_size
+        p = self.patch_size[0]
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"patch_size must be square, got {patch_size!r}")
+        if H % p or W % p:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {p}")
+        self.grid_size = (H // p, W // p)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p)
+        self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"imgs must have shape [N, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}], "
+                f"got {list(x.shape)}"
+            )
+        x = self.proj(x)  # [N, D, h, w]
+        return self.norm(x.flatten(2).transpose(1, 2))  # [N, L, D]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )  # [B, H, N, hd]
+        x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, C]
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm ``Block`` layout; no layer scale or drop path)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# --------------------------------------------------------------------------- the model
+class MaskedAutoencoderViT(nn.Module):
+    """Masked Autoencoder with a ViT backbone, as published (official constructor and names)."""
+
+    def __init__(self, img_size: Size2 = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
+                 depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm,
+                 norm_pix_loss: bool = False):
+        super().__init__()
+        # Registration order fixes named_parameters() order: it matches the official model.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+             for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+
+        self.norm_pix_loss = norm_pix_loss
+        self.initialize_weights()
+
+    # -- init
+    def initialize_weights(self):
+        grid = self.patch_embed.grid_size
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True)).float().unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(
+            torch.from_numpy(sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True)).float().unsqueeze(0)
+        )
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        torch.nn.init.normal_(self.cls_token, std=0.02)
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # -- helpers with the official names
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.in_chans
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.patch_embed.img_size, self.in_chans)
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+        x_masked, mask, ids_restore, _ = random_masking(x, mask_ratio, noise)
+        return x_masked, mask, ids_restore
+
+    # -- forward
+    def forward_encoder(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+        x = self.patch_embed(x)  # [N, L, D]
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]  # [1, 1, D]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [N, 1+K, D]
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(x)  # [N, 1+K, Dd]
+        n_mask = ids_restore.shape[1] + 1 - x.shape[1]
+        mask_tokens = self.mask_token.repeat(x.shape[0], n_mask, 1)  # [N, L-K, Dd]
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd]
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))  # unshuffle, [N, L, Dd]
+        x = torch.cat([x[:, :1, :], x_], dim=1)  # [N, 1+L, Dd]
+        x = x + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)  # [N, 1+L, p*p*C]
+        return x[:, 1:, :]  # [N, L, p*p*C]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return patch_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+# --------------------------------------------------------------------------- factories
+_LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _factory(**cfg):
+    def build(**kwargs):
+        args = dict(cfg, mlp_ratio=4, norm_layer=_LN)
+        args.update(kwargs)
+        return MaskedAutoencoderViT(**args)
+
+    return build
+
+
+_DEC = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+mae_vit_base_patch16_dec512d8b = _factory(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC)
+mae_vit_large_patch16_dec512d8b = _factory(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC)
+mae_vit_huge_patch14_dec512d8b = _factory(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC)
+# A small config (not an official one) for CPU tests and the CPU benchmark default:
+# 64x64 images, 8x8 patches (L = 64), ViT-Tiny-like encoder, a 2-block decoder.
+mae_vit_tiny_patch8_dec128d2b = _factory(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                                         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+
+# short aliases, as in the official code
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
+mae_vit_tiny_patch8 = mae_vit_tiny_patch8_dec128d2b
+
+MODELS = {
+    "mae_vit_base_patch16_dec512d8b": mae_vit_base_patch16_dec512d8b,
+    "mae_vit_large_patch16_dec512d8b": mae_vit_large_patch16_dec512d8b,
+    "mae_vit_huge_patch14_dec512d8b": mae_vit_huge_patch14_dec512d8b,
+    "mae_vit_tiny_patch8_dec128d2b": mae_vit_tiny_patch8_dec128d2b,
+    "mae_vit_base_patch16": mae_vit_base_patch16,
+    "mae_vit_large_patch16": mae_vit_large_patch16,
+    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+    "mae_vit_tiny_patch8": mae_vit_tiny_patch8,
+}
+
+
+def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
+    """Build a reference model by factory name (official names, short aliases, or the tiny config)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)

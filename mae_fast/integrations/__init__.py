@@ -1,0 +1,1 @@
+"""Bridges to third-party MAE implementations (HF transformers)."""
