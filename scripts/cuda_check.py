@@ -24,6 +24,20 @@ def find_nvcc():
     return cand if os.path.exists(cand) else None
 
 
+def _generated_headers(out_dir: str) -> str:
+    """Headers a CUDA build of torch generates but a CPU wheel lacks, written if torch has none.
+
+    c10/cuda/impl/cuda_cmake_macros.h only says c10_cuda is a shared library.
+    """
+    inc = os.path.join(out_dir, "include")
+    rel = os.path.join("c10", "cuda", "impl", "cuda_cmake_macros.h")
+    if not any(os.path.exists(os.path.join(p, rel)) for p in include_paths()):
+        os.makedirs(os.path.join(inc, os.path.dirname(rel)), exist_ok=True)
+        with open(os.path.join(inc, rel), "w") as f:
+            f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return inc
+
+
 def main() -> int:
     nvcc = find_nvcc()
     if nvcc is None:
@@ -36,6 +50,7 @@ def main() -> int:
     out_dir = os.path.join("build", "cuda-check")
     os.makedirs(out_dir, exist_ok=True)
     incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", "-Icsrc"]
+    incs.append(f"-I{_generated_headers(out_dir)}")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = [
         "-c", "-std=c++17", "-O2", "-arch=sm_90", "--expt-relaxed-constexpr",

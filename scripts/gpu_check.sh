@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (see ../shared/GPU.md): build for sm_90, run the test suite on
+# CUDA, run the benchmarks, write logs and JSON under $OUT, print a short summary last.
+#
+#   bash scripts/gpu_check.sh [build] [tests] [bench] [model-bench]     (default: all four)
+#   TESTS="tests/ops/test_loss.py" bash scripts/gpu_check.sh build tests
+#
+# Uses the machine's python3 (torch with CUDA) as is: no venv, no installs beyond this package.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+stages=${*:-build tests bench model-bench}
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+has() { [[ " $stages " == *" $1 "* ]]; }
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # optional carried wheels (e.g. xformers)
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+
+# At most 8 files come back from $OUT: build.log, tests.log, bench.log and the JSON results.
+$PY - <<'EOF' 2>&1
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton missing")
+EOF
+
+if has build; then
+  t0=$SECONDS
+  if TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
+    note "build: ok ($((SECONDS - t0)) s), cuda_compiled=$($PY -c 'import mae_fast; print(mae_fast._C.cuda_compiled())')"
+  else
+    tail -40 "$OUT/build.log"
+    note "build: FAILED (see build.log)"
+    exit 1
+  fi
+fi
+
+if has tests; then
+  t0=$SECONDS
+  timeout 420 $PY -m pytest -q -rs -p no:randomly ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
+  note "tests: $(tail -1 "$OUT/tests.log") ($((SECONDS - t0)) s)"
+fi
+
+if has bench; then
+  for script in bench/bench_*.py; do
+    name=$(basename "$script" .py)
+    t0=$SECONDS
+    echo "######## $script" >>"$OUT/bench.log"
+    if timeout 240 $PY "$script" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1; then
+      note "$name: ok ($((SECONDS - t0)) s)"
+    else
+      note "$name: FAILED rc=$? (see bench.log)"
+    fi
+    cat "$OUT/$name.txt" >>"$OUT/bench.log"; tail -25 "$OUT/$name.txt"; rm -f "$OUT/$name.txt"
+  done
+fi
+
+if has model-bench; then
+  t0=$SECONDS
+  timeout 300 $PY -m mae_fast bench --json "$OUT/bench_model.json" --no-progress 2>&1 | tee -a "$OUT/bench.log"
+  note "mae-fast bench: rc=$? ($((SECONDS - t0)) s)"
+fi
+
+echo
+echo "================ summary"
+printf '%s\n' "${summary[@]}"
