@@ -27,10 +27,15 @@ def device_name(device: Optional[torch.device] = None) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (+dirty); MAE_FAST_COMMIT overrides it (copies of a tree without git)."""
+    if os.environ.get("MAE_FAST_COMMIT"):
+        return os.environ["MAE_FAST_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        commit = out.stdout.strip() or "unknown"
+        commit = out.stdout.strip()
+        if out.returncode != 0 or len(commit) != 40:
+            return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("+dirty" if dirty else "")
