@@ -1,0 +1,8 @@
+"""Drop-in ViT layers (timm-compatible constructors and keys) with selectable attention backends."""
+from .attention import BACKENDS, attention, attn_backend, auto_backend, get_attn_backend, set_attn_backend
+from .layers import Attention, Block, DropPath, LayerScale, Mlp, PatchEmbed
+
+__all__ = [
+    "Attention", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed",
+    "BACKENDS", "attention", "attn_backend", "auto_backend", "get_attn_backend", "set_attn_backend",
+]
