@@ -220,6 +220,33 @@ class Block(nn.Module):
 
 
 # --------------------------------------------------------------------------- the model
+def _init_linear_and_norm(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        torch.nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+def init_mae_weights(model: nn.Module) -> None:
+    """The official initialisation of an MAE with the official attribute names.
+
+    Fixed 2-D sin-cos position tables; patch embedding weight xavier-uniform on its (out, -1) view;
+    cls and mask tokens normal(std=0.02); every Linear xavier-uniform with zero bias; LayerNorm 1/0.
+    """
+    grid = model.patch_embed.grid_size
+    for table in (model.pos_embed, model.decoder_pos_embed):
+        values = sincos_2d(table.shape[-1], grid, cls_token=True)
+        table.data.copy_(torch.from_numpy(values).float().unsqueeze(0))
+    w = model.patch_embed.proj.weight.data
+    torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    torch.nn.init.normal_(model.cls_token, std=0.02)
+    torch.nn.init.normal_(model.mask_token, std=0.02)
+    model.apply(_init_linear_and_norm)
+
+
 class MaskedAutoencoderViT(nn.Module):
     """Masked Autoencoder with a ViT backbone, as published (official constructor and names)."""
 
@@ -253,26 +280,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     # -- init
     def initialize_weights(self):
-        grid = self.patch_embed.grid_size
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True)).float().unsqueeze(0))
-        self.decoder_pos_embed.data.copy_(
-            torch.from_numpy(sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True)).float().unsqueeze(0)
-        )
-        w = self.patch_embed.proj.weight.data
-        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        torch.nn.init.normal_(self.cls_token, std=0.02)
-        torch.nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            torch.nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        init_mae_weights(self)
 
     # -- helpers with the official names
     @property
@@ -333,42 +341,50 @@ class MaskedAutoencoderViT(nn.Module):
 
 # --------------------------------------------------------------------------- factories
 _LN = partial(nn.LayerNorm, eps=1e-6)
+_DEC = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+# Factory name -> constructor arguments (mlp_ratio 4 and LayerNorm(eps=1e-6) are added for all).
+# Shared by mae_fast.models, which builds its fast model from the same table.
+CONFIGS = {
+    "mae_vit_base_patch16_dec512d8b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC),
+    "mae_vit_large_patch16_dec512d8b": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC),
+    "mae_vit_huge_patch14_dec512d8b": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC),
+    # not an official config: 64x64 images, 8x8 patches (L = 64), a ViT-Tiny-like encoder, a 2-block
+    # decoder; for CPU tests and the CPU benchmark default
+    "mae_vit_tiny_patch8_dec128d2b": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                                          decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+}
+ALIASES = {  # the official short names
+    "mae_vit_base_patch16": "mae_vit_base_patch16_dec512d8b",
+    "mae_vit_large_patch16": "mae_vit_large_patch16_dec512d8b",
+    "mae_vit_huge_patch14": "mae_vit_huge_patch14_dec512d8b",
+    "mae_vit_tiny_patch8": "mae_vit_tiny_patch8_dec128d2b",
+}
 
 
-def _factory(**cfg):
+def make_factory(cls, name: str):
+    """A factory function building ``cls`` with the config named ``name`` (kwargs override)."""
+    cfg = CONFIGS[ALIASES.get(name, name)]
+
     def build(**kwargs):
         args = dict(cfg, mlp_ratio=4, norm_layer=_LN)
         args.update(kwargs)
-        return MaskedAutoencoderViT(**args)
+        return cls(**args)
 
+    build.__name__ = name
+    build.__doc__ = f"{cls.__name__} with the {ALIASES.get(name, name)} config; keyword arguments override it."
     return build
 
 
-_DEC = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-mae_vit_base_patch16_dec512d8b = _factory(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC)
-mae_vit_large_patch16_dec512d8b = _factory(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC)
-mae_vit_huge_patch14_dec512d8b = _factory(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC)
-# A small config (not an official one) for CPU tests and the CPU benchmark default:
-# 64x64 images, 8x8 patches (L = 64), ViT-Tiny-like encoder, a 2-block decoder.
-mae_vit_tiny_patch8_dec128d2b = _factory(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                                         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
-
-# short aliases, as in the official code
-mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
-mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
-mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
-mae_vit_tiny_patch8 = mae_vit_tiny_patch8_dec128d2b
-
-MODELS = {
-    "mae_vit_base_patch16_dec512d8b": mae_vit_base_patch16_dec512d8b,
-    "mae_vit_large_patch16_dec512d8b": mae_vit_large_patch16_dec512d8b,
-    "mae_vit_huge_patch14_dec512d8b": mae_vit_huge_patch14_dec512d8b,
-    "mae_vit_tiny_patch8_dec128d2b": mae_vit_tiny_patch8_dec128d2b,
-    "mae_vit_base_patch16": mae_vit_base_patch16,
-    "mae_vit_large_patch16": mae_vit_large_patch16,
-    "mae_vit_huge_patch14": mae_vit_huge_patch14,
-    "mae_vit_tiny_patch8": mae_vit_tiny_patch8,
-}
+MODELS = {name: make_factory(MaskedAutoencoderViT, name) for name in [*CONFIGS, *ALIASES]}
+mae_vit_base_patch16_dec512d8b = MODELS["mae_vit_base_patch16_dec512d8b"]
+mae_vit_large_patch16_dec512d8b = MODELS["mae_vit_large_patch16_dec512d8b"]
+mae_vit_huge_patch14_dec512d8b = MODELS["mae_vit_huge_patch14_dec512d8b"]
+mae_vit_tiny_patch8_dec128d2b = MODELS["mae_vit_tiny_patch8_dec128d2b"]
+mae_vit_base_patch16 = MODELS["mae_vit_base_patch16"]
+mae_vit_large_patch16 = MODELS["mae_vit_large_patch16"]
+mae_vit_huge_patch14 = MODELS["mae_vit_huge_patch14"]
+mae_vit_tiny_patch8 = MODELS["mae_vit_tiny_patch8"]
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:

@@ -162,9 +162,12 @@ def test_factory_state_dict_matches_official(name):
 
 
 def test_short_aliases():
-    assert R.mae_vit_base_patch16 is R.mae_vit_base_patch16_dec512d8b
-    assert R.mae_vit_large_patch16 is R.mae_vit_large_patch16_dec512d8b
-    assert R.mae_vit_huge_patch14 is R.mae_vit_huge_patch14_dec512d8b
+    for short, full in [("mae_vit_base_patch16", "mae_vit_base_patch16_dec512d8b"),
+                        ("mae_vit_large_patch16", "mae_vit_large_patch16_dec512d8b"),
+                        ("mae_vit_huge_patch14", "mae_vit_huge_patch14_dec512d8b")]:
+        with torch.device("meta"):
+            a, b = R.create_model(short), R.create_model(full)
+        assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
     with pytest.raises(ValueError, match="unknown model"):
         R.create_model("mae_vit_giant")
 
