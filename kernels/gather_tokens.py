@@ -1,0 +1,112 @@
+"""Triton kernels: visible-token gather with optional position add and prefix rows (cls), and its backward.
+
+Forward:  x [N, L, D], ids_keep [N, K] -> out [N, P+K, D]
+          out[n, j]   = prefix[0, j]                                   (j < P)
+          out[n, P+k] = x[n, ids_keep[n, k]] (+ pos[0, ids_keep[n, k]])
+Backward: l-major: one program per (output position of x or prefix row, D block, N split); it walks N,
+          writes grad_x rows (zero at removed tokens) and accumulates the pos / prefix sums in fp32 into
+          per-split partials [S, P+L, D] that the caller sums in a fixed order (deterministic, no atomics).
+
+All row offsets are int64; strides are passed so strided inputs are read in place (a stride of 1 is
+specialised by Triton, which keeps the loads vectorised).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gather_tokens_fwd_kernel(
+    x_ptr, ids_ptr, pos_ptr, prefix_ptr, out_ptr,
+    R, T, P, D,  # R = N*T output rows, T = P+K
+    sxn, sxl, sxd,
+    sin, sik,
+    spl, spd,
+    sfp, sfd,
+    HAS_POS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    row_ok = rows < R
+    col_ok = cols < D
+    n = rows // T
+    j = rows % T
+    is_tok = row_ok & (j >= P)
+    k = tl.where(is_tok, j - P, 0)
+    src = tl.load(ids_ptr + n * sin + k * sik, mask=is_tok, other=0).to(tl.int64)  # [BR]
+    m_tok = is_tok[:, None] & col_ok[None, :]
+    val = tl.load(x_ptr + n[:, None] * sxn + src[:, None] * sxl + cols[None, :] * sxd, mask=m_tok, other=0.0)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + src[:, None] * spl + cols[None, :] * spd, mask=m_tok, other=0.0)
+        val = val.to(tl.float32) + pos.to(tl.float32)
+    if HAS_PREFIX:
+        is_pre = row_ok & (j < P)
+        jp = tl.where(is_pre, j, 0)
+        pre = tl.load(prefix_ptr + jp[:, None] * sfp + cols[None, :] * sfd,
+                      mask=is_pre[:, None] & col_ok[None, :], other=0.0)
+        val = tl.where(is_pre[:, None], pre.to(tl.float32), val.to(tl.float32))
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], val.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def gather_tokens_bwd_kernel(
+    g_ptr, inv_ptr, gx_ptr, part_ptr,
+    N, L, P, D, CHUNK_N,
+    sgn, sgt, sgd,
+    NEED_X: tl.constexpr, NEED_POS: tl.constexpr, NEED_PREFIX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # program (r, d, s): r < P reduces prefix row r; r >= P handles token l = r - P of x.
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    s = tl.program_id(2)
+    col_ok = cols < D
+    n_lo = s * CHUNK_N
+    n_hi = tl.minimum(n_lo + CHUNK_N, N)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if r < P:
+        if NEED_PREFIX:
+            for n0 in range(n_lo, n_hi, BLOCK_N):
+                ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
+                m = (ns < n_hi)[:, None] & col_ok[None, :]
+                g = tl.load(g_ptr + ns[:, None] * sgn + r * sgt + cols[None, :] * sgd, mask=m, other=0.0)
+                acc += tl.sum(g.to(tl.float32), axis=0)
+            tl.store(part_ptr + (s.to(tl.int64) * (P + L) + r) * D + cols, acc, mask=col_ok)
+    else:
+        l = r - P
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
+            n_ok = ns < n_hi
+            k = tl.load(inv_ptr + ns * L + l, mask=n_ok, other=-1).to(tl.int64)  # [BN]
+            hit = k >= 0
+            g = tl.load(g_ptr + ns[:, None] * sgn + (P + k)[:, None] * sgt + cols[None, :] * sgd,
+                        mask=hit[:, None] & col_ok[None, :], other=0.0)
+            if NEED_X:
+                tl.store(gx_ptr + (ns[:, None] * L + l) * D + cols[None, :], g.to(gx_ptr.dtype.element_ty),
+                         mask=n_ok[:, None] & col_ok[None, :])
+            if NEED_POS:
+                acc += tl.sum(g.to(tl.float32), axis=0)
+        if NEED_POS:
+            tl.store(part_ptr + (s.to(tl.int64) * (P + L) + r) * D + cols, acc, mask=col_ok)
+
+
+def fwd_blocks(D: int):
+    """(BLOCK_R, BLOCK_D, num_warps) for the row-copy forward: 256-wide column blocks (exact for the
+    common D = 512/768/1024/1280), ~4096 elements per program (several rows)."""
+    block_d = min(256, triton.next_power_of_2(D))
+    return max(1, 4096 // block_d), block_d, 4
+
+
+def bwd_blocks(N: int, rows: int, D: int, target_programs: int = 2048):
+    """(BLOCK_N, BLOCK_D, splits, chunk_n, num_warps) for the l-major backward: enough programs to fill a
+    large GPU (N is split into `splits` chunks whose fp32 partials the caller sums). Wide column blocks
+    (one or two per row for D <= 2048) keep the program count low; the N split restores parallelism."""
+    block_d = min(1024, triton.next_power_of_2(D))
+    block_n = max(1, min(4096 // block_d, triton.next_power_of_2(max(N, 1))))
+    n_blocks = triton.cdiv(max(N, 1), block_n)
+    base = rows * triton.cdiv(D, block_d)
+    splits = max(1, min(n_blocks, triton.cdiv(target_programs, max(base, 1))))
+    chunk = triton.cdiv(n_blocks, splits) * block_n
+    splits = triton.cdiv(max(N, 1), chunk)
+    return block_n, block_d, splits, chunk, 4
