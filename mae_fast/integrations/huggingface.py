@@ -11,6 +11,7 @@ To match the official model numerically, HF must be configured with ``layer_norm
 """
 from __future__ import annotations
 
+import types
 from typing import Dict, Iterable
 
 import torch
@@ -145,3 +146,112 @@ def vit_mae_config(model, **overrides):
     )
     cfg.update(overrides)
     return ViTMAEConfig(**cfg)
+
+
+# ----------------------------------------------------------------------------- patching HF in place
+def _fast_embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encoding=False):
+    """ViTMAEEmbeddings.forward: masking engine, then the patch embedding of kept patches only."""
+    from .. import ops
+
+    if interpolate_pos_encoding:  # another image size: not accelerated, HF's own code (documented)
+        return self._mae_fast_original_forward(pixel_values, noise, interpolate_pos_encoding)
+    proj = self.patch_embeddings.projection
+    N, C, H, W = pixel_values.shape
+    if (H, W) != tuple(self.image_size) or C != proj.in_channels:
+        raise ValueError(f"pixel_values must have shape [N, {proj.in_channels}, {self.image_size[0]}, "
+                         f"{self.image_size[1]}], got {list(pixel_values.shape)}")
+    m = ops.random_masking(N, self.patch_embeddings.num_patches, float(self.config.mask_ratio),
+                           device=pixel_values.device, noise=noise)
+    patches = ops.gather_patches(pixel_values.to(proj.weight.dtype), m.ids_keep, proj.kernel_size[0])  # [N, K, C*p*p]
+    x = torch.nn.functional.linear(patches, proj.weight.flatten(1), proj.bias)  # [N, K, D]
+    x = x + self.position_embeddings[0, 1:][m.ids_keep]
+    cls = (self.cls_token + self.position_embeddings[:, :1]).expand(N, -1, -1)  # [N, 1, D]
+    return torch.cat([cls, x], dim=1), m.mask, m.ids_restore  # [N, 1+K, D]
+
+
+def _fast_decoder_forward(self, hidden_states, ids_restore, interpolate_pos_encoding=False, **kwargs):
+    """ViTMAEDecoder.forward with the fused unshuffle (mask tokens + decoder positions in one pass)."""
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoderOutput
+
+    from .. import ops
+
+    if interpolate_pos_encoding or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+        return self._mae_fast_original_forward(hidden_states, ids_restore,
+                                               interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+    x = self.decoder_embed(hidden_states)  # [N, 1+K, Dd]
+    x = ops.unshuffle_tokens(x, ids_restore, self.mask_token.to(x.dtype),
+                             pos_embed=self.decoder_pos_embed.to(x.dtype), num_prefix=1)  # [N, 1+L, Dd]
+    for layer in self.decoder_layers:
+        out = layer(x)
+        x = out[0] if isinstance(out, tuple) else out  # older transformers return tuples
+    logits = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [N, L, p*p*C]
+    if kwargs.get("return_dict") is False:
+        return (logits,)
+    return ViTMAEDecoderOutput(logits=logits)
+
+
+def _fast_pretraining_forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, **kwargs):
+    """ViTMAEForPreTraining.forward with the fused loss (read from pixel_values, gradient in one pass)."""
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
+
+    from .. import ops
+
+    if interpolate_pos_encoding or any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "head_mask")):
+        return self._mae_fast_original_forward(pixel_values, noise=noise,
+                                               interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+    outputs = self.vit(pixel_values, noise=noise)
+    latent, mask, ids_restore = outputs.last_hidden_state, outputs.mask, outputs.ids_restore
+    logits = self.decoder(latent, ids_restore).logits  # [N, L, p*p*C]
+    loss = ops.norm_pix_loss(logits, pixel_values, mask, self.config.patch_size, norm_pix=bool(self.config.norm_pix_loss))
+    if kwargs.get("return_dict") is False:
+        return (loss, logits, mask, ids_restore)
+    return ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=mask, ids_restore=ids_restore)
+
+
+def _bind(module, fn) -> None:
+    if not hasattr(module, "_mae_fast_original_forward"):
+        module._mae_fast_original_forward = module.forward
+    module.forward = types.MethodType(fn, module)
+
+
+def patch_vit_mae(model):
+    """Make an HF ``ViTMAEForPreTraining`` use mae_fast's ops, in place; returns the model.
+
+    Replaced: the masking (one launch of the masking engine), the patch embedding (kept patches
+    only), the decoder's unshuffle (fused), the loss (fused). Attention stays HF's (choose it with
+    ``attn_implementation``). Given the same noise, outputs equal the unpatched model's. Calls with
+    ``interpolate_pos_encoding=True``, ``output_attentions`` or ``output_hidden_states`` run HF's own
+    code, unaccelerated.
+    """
+    from transformers import ViTMAEForPreTraining
+
+    if not isinstance(model, ViTMAEForPreTraining):
+        raise TypeError(f"model must be a transformers ViTMAEForPreTraining, got {type(model).__name__}")
+    _bind(model.vit.embeddings, _fast_embeddings_forward)
+    _bind(model.decoder, _fast_decoder_forward)
+    _bind(model, _fast_pretraining_forward)
+    return model
+
+
+def fast_model_from_hf(hf_model):
+    """A ``mae_fast.models.MaskedAutoencoderViT`` with the config and weights of an HF ViTMAE model."""
+    from functools import partial
+
+    from ..models import MaskedAutoencoderViT
+
+    c = hf_model.config
+    D, Dd = c.hidden_size, c.decoder_hidden_size
+    if c.intermediate_size * c.decoder_hidden_size != c.decoder_intermediate_size * c.hidden_size:
+        raise ValueError("the encoder and decoder MLP ratios differ; MaskedAutoencoderViT has one mlp_ratio")
+    if c.hidden_act != "gelu" or not c.qkv_bias:
+        raise ValueError(f"only hidden_act='gelu' with qkv_bias=True converts (got {c.hidden_act!r}, qkv_bias={c.qkv_bias})")
+    image_size = c.image_size if isinstance(c.image_size, int) else tuple(c.image_size)
+    model = MaskedAutoencoderViT(
+        img_size=image_size, patch_size=c.patch_size, in_chans=c.num_channels, embed_dim=D,
+        depth=c.num_hidden_layers, num_heads=c.num_attention_heads, decoder_embed_dim=Dd,
+        decoder_depth=c.decoder_num_hidden_layers, decoder_num_heads=c.decoder_num_attention_heads,
+        mlp_ratio=c.intermediate_size / D, norm_layer=partial(torch.nn.LayerNorm, eps=c.layer_norm_eps),
+        norm_pix_loss=bool(c.norm_pix_loss),
+    )
+    model.load_state_dict(from_hf_state_dict(hf_model.state_dict()), strict=True)
+    return model

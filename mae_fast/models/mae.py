@@ -1,0 +1,180 @@
+"""The fast MaskedAutoencoderViT: the official model's interface, built from mae_fast's ops.
+
+Same constructor, parameter names, shapes, registration order and initialisation as the official
+model (and ``mae_fast.reference``), so checkpoints and optimizer state line up. One training step:
+
+  imgs [N, C, H, W]
+  -> ops.random_masking: ids_keep [N, K], ids_restore [N, L], mask [N, L]     (one launch)
+  -> PatchEmbed.forward_visible: ops.gather_patches + one GEMM on kept patches only
+  -> + pos_embed at ids_keep, prepend cls + its position                      [N, 1+K, D]
+  -> encoder Blocks (mae_fast.nn, attention backend selectable) -> norm
+  -> decoder_embed -> ops.unshuffle_tokens (mask tokens + decoder pos_embed)  [N, 1+L, Dd]
+  -> decoder Blocks -> decoder_norm -> decoder_pred
+  -> ops.norm_pix_loss straight from imgs (loss and gradient in one pass)
+
+``forward`` returns (loss, pred, mask) with pred for every patch, as the official model.
+``forward_train`` returns the loss only and applies decoder_norm/decoder_pred to the removed tokens
+only (the visible ones do not enter the loss): the same loss, fewer FLOPs and less memory.
+
+Mask ratio 0 (no patch removed): the official loss divides by mask.sum() == 0. Here the loss is then
+the mean over all patches (the plain autoencoder's reconstruction loss); ``mask`` is all zeros.
+Video (frames/tubelets) is not supported yet: the masking engine has tube masking (``frames=``), but
+a 3-D patch embedding and a spatio-temporal position table are still to be written.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import ops, reference
+from ..nn import Block, PatchEmbed
+
+
+class FastMAEMethods:
+    """The fast forward of an MAE with the official attribute names and method signatures.
+
+    Shared by :class:`MaskedAutoencoderViT` and by models patched in place (``mae_fast.patch_model``),
+    which get these methods by a class swap. Needs: patch_embed (a ``mae_fast.nn.PatchEmbed``),
+    cls_token, pos_embed, blocks, norm, decoder_embed, mask_token, decoder_pos_embed,
+    decoder_blocks, decoder_norm, decoder_pred, norm_pix_loss.
+    """
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return reference.patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.unpatchify(x, self.patch_size, self.patch_embed.img_size, self.patch_embed.in_chans)
+
+    # -- the pieces
+    def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
+        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+        self.patch_embed.check_input(imgs)
+        return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, float(mask_ratio),
+                                  device=imgs.device, noise=noise)
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+        """The official signature: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
+        m = ops.random_masking(x.shape[0], x.shape[1], float(mask_ratio), device=x.device, noise=noise)
+        return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
+
+    def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the kept patches: [N, 1+K, D] (cls first)."""
+        x = self.patch_embed.forward_visible(imgs, ids_keep)  # [N, K, D]
+        x = x + self.pos_embed[0, 1:][ids_keep].to(x.dtype)  # + positions of the kept patches
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)  # [N, 1, D]
+        x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def _decode_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Decoder blocks on cls + all L tokens (mask tokens filled in): [N, 1+L, Dd], before decoder_norm."""
+        x = self.decoder_embed(latent)  # [N, 1+K, Dd]
+        x = ops.unshuffle_tokens(x, ids_restore, self.mask_token.to(x.dtype),
+                                 pos_embed=self.decoder_pos_embed.to(x.dtype), num_prefix=1)  # [N, 1+L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return x
+
+    # -- the official methods
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+        """(latent [N, 1+K, D], mask [N, L], ids_restore [N, L]), as the official forward_encoder."""
+        m = self._masking(imgs, mask_ratio, noise)
+        return self._encode(imgs, m.ids_keep), m.mask, m.ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Predictions for every patch: [N, L, p*p*C], as the official forward_decoder."""
+        x = self._decode_tokens(latent, ids_restore)
+        return self.decoder_pred(self.decoder_norm(x[:, 1:]))  # [N, L, p*p*C]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The official loss, fused: read straight from imgs, gradient computed in the same pass."""
+        return ops.norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=bool(self.norm_pix_loss))
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
+        """(loss, pred [N, L, p*p*C], mask [N, L]) as the official model."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+        nothing_removed = latent.shape[1] - 1 == ids_restore.shape[1]  # mask ratio 0 (known from shapes)
+        loss = self.forward_loss(imgs, pred, torch.ones_like(mask) if nothing_removed else mask)
+        return loss, pred, mask
+
+    def forward_train(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
+        """The loss only, with decoder_norm and decoder_pred applied to removed tokens only (same loss)."""
+        m = self._masking(imgs, mask_ratio, noise)
+        K, L = m.ids_keep.shape[1], m.ids_restore.shape[1]
+        if K == L:  # nothing removed: the loss is over every patch, as in forward
+            return self.forward(imgs, mask_ratio, noise)[0]
+        x = self._decode_tokens(self._encode(imgs, m.ids_keep), m.ids_restore)  # [N, 1+L, Dd]
+        # the removed tokens in ascending-noise order: inverse of ids_restore, ranks K..L-1
+        ids_shuffle = torch.empty_like(m.ids_restore).scatter_(
+            1, m.ids_restore, torch.arange(L, device=imgs.device).expand_as(m.ids_restore))  # [N, L]
+        ids_masked = ids_shuffle[:, K:]  # [N, L-K]
+        x = ops.gather_tokens(x[:, 1:], ids_masked)  # [N, L-K, Dd]
+        pred = self.decoder_pred(self.decoder_norm(x))  # [N, L-K, p*p*C]
+        return ops.norm_pix_loss(pred, imgs, None, self.patch_size, norm_pix=bool(self.norm_pix_loss),
+                                 ids_masked=ids_masked)
+
+
+class MaskedAutoencoderViT(FastMAEMethods, nn.Module):
+    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024, depth: int = 24,
+                 num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
+                 mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm, norm_pix_loss: bool = False, *,
+                 attn_backend: Optional[str] = None):
+        super().__init__()
+        # Registration order fixes named_parameters() order: it matches the official model.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_backend=attn_backend)
+            for _ in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                  attn_backend=attn_backend)
+            for _ in range(decoder_depth)
+        ])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+
+        self.norm_pix_loss = norm_pix_loss
+        reference.init_mae_weights(self)
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.in_chans
+
+
+def load_pretrained_encoder(model: MaskedAutoencoderViT, state_dict: dict) -> list:
+    """Load an encoder-only checkpoint (the official ``mae_pretrain_vit_*.pth``, key ``"model"``).
+
+    Every encoder tensor (cls_token, pos_embed, patch_embed, blocks, norm) must be present and
+    match; decoder tensors are left as initialised. Keys that belong to neither are an error.
+    Returns the names that were left as initialised (the decoder).
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    own = model.state_dict()
+    decoder = {k for k in own if k.startswith(("decoder_", "mask_token"))}
+    encoder = set(own) - decoder
+    missing = sorted(encoder - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state_dict is not an encoder checkpoint of this model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    model.load_state_dict({**{k: own[k] for k in decoder}, **state_dict}, strict=True)
+    return sorted(decoder - set(state_dict))
