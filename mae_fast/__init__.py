@@ -1,7 +1,9 @@
 """mae_fast: fused Triton and C++/CUDA kernels for Masked Autoencoder pretraining.
 
 Submodules: ``reference`` (the eager baseline), ``ops`` (the fused ops), ``kernels``
-(Triton kernels), ``cli`` (the ``mae-fast`` command).
+(Triton kernels), ``nn`` (drop-in layers), ``models`` (the fast MaskedAutoencoderViT),
+``integrations.huggingface``, ``theory`` (linear-MAE predictions), ``cli`` (the ``mae-fast`` command).
+``patch_model(model)`` swaps the fast pieces into an existing model.
 """
 __version__ = "0.1.0"
 
@@ -16,5 +18,6 @@ except ImportError as e:  # pragma: no cover - only when the package was not bui
     ) from e
 
 from . import ops, reference  # noqa: E402,F401
+from .patching import patch_model  # noqa: E402,F401
 
-__all__ = ["ops", "reference", "__version__"]
+__all__ = ["ops", "reference", "patch_model", "__version__"]
