@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_check.sh [build] [tests] [bench] [model-bench]     (default: all four)
 #   TESTS="tests/ops/test_loss.py" bash scripts/gpu_check.sh build tests
+#   BENCHES="bench/bench_tokens.py" TEST_TIMEOUT=300 bash scripts/gpu_check.sh build tests bench
 #
 # Uses the machine's python3 (torch with CUDA) as is: no venv, no installs beyond this package.
 set -uo pipefail
@@ -44,16 +45,16 @@ fi
 
 if has tests; then
   t0=$SECONDS
-  timeout 420 $PY -m pytest -q -rs -p no:randomly ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
+  timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -q -rs -p no:randomly ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
   note "tests: $(tail -1 "$OUT/tests.log") ($((SECONDS - t0)) s)"
 fi
 
 if has bench; then
-  for script in bench/bench_*.py; do
+  for script in ${BENCHES:-bench/bench_*.py}; do
     name=$(basename "$script" .py)
     t0=$SECONDS
     echo "######## $script" >>"$OUT/bench.log"
-    if timeout 240 $PY "$script" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1; then
+    if timeout "${BENCH_TIMEOUT:-240}" $PY "$script" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1; then
       note "$name: ok ($((SECONDS - t0)) s)"
     else
       note "$name: FAILED rc=$? (see bench.log)"
