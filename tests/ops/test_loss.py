@@ -1,0 +1,493 @@
+"""Tests of mae_fast.ops.norm_pix_loss: float64 oracle, reference forward_loss, Triton under the
+interpreter, compile, bad inputs. Run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mae_fast import reference
+from mae_fast.ops import _common
+from mae_fast.ops import loss as loss_mod
+from mae_fast.ops.loss import norm_pix_loss
+from mae_fast.testing import assert_close_to_oracle, rel_err
+
+INTERP = _common.triton_interpret()
+
+
+# ------------------------------------------------------------------------------ oracle (float64)
+def oracle_targets(imgs, p):
+    """[N, L, p*p*C] float64 by explicit slicing, patches row-major, (row, col, channel) inside."""
+    n, c, h, w = imgs.shape
+    rows = []
+    for i in range(h // p):
+        for j in range(w // p):
+            patch = imgs[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].double()  # [N, C, p, p]
+            rows.append(patch.permute(0, 2, 3, 1).reshape(n, -1))  # [N, p*p*C]
+    return torch.stack(rows, dim=1)  # [N, L, D]
+
+
+def oracle(pred, imgs, mask, p, norm_pix=True, eps=1e-6, ids=None):
+    """(loss, grad_pred) in float64 by autograd on the textbook formula."""
+    x = pred.detach().double().requires_grad_(True)
+    t = oracle_targets(imgs, p)
+    if ids is not None:
+        t = torch.stack([t[b, ids[b].long()] for b in range(t.shape[0])])  # [N, M, D]
+        w = torch.ones(t.shape[:2], dtype=torch.float64)
+    else:
+        w = mask.double()
+    if norm_pix:
+        mean = t.sum(-1, keepdim=True) / t.shape[-1]
+        var = ((t - mean) ** 2).sum(-1, keepdim=True) / (t.shape[-1] - 1)
+        t = (t - mean) / torch.sqrt(var + eps)
+    row = ((x - t) ** 2).mean(-1)  # [N, Lp]
+    loss = (row * w).sum() / w.sum()
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def make_inputs(n, c, h, w, p, dtype=torch.float32, ratio=0.75, seed=0, img_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    L = (h // p) * (w // p)
+    d = p * p * c
+    imgs = (torch.rand(n, c, h, w, generator=g) * 2 + 0.5).to(img_dtype or dtype)
+    pred = torch.randn(n, L, d, generator=g).to(dtype)
+    noise = torch.rand(n, L, generator=g)
+    k = int(L * (1 - ratio))
+    ids_shuffle = noise.argsort(1)
+    mask = torch.ones(n, L)
+    mask.scatter_(1, ids_shuffle[:, :k], 0.0)
+    ids_masked = ids_shuffle[:, k:]  # [N, M], noise order (not sorted)
+    return pred, imgs, mask, ids_masked
+
+
+def run(pred, imgs, mask, p, **kw):
+    """(loss, grad_pred) of the op."""
+    x = pred.detach().clone().requires_grad_(True)
+    loss = norm_pix_loss(x, imgs, mask, p, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def run_torch_same_dtype(pred, imgs, mask, p, norm_pix=True, eps=1e-6, ids=None):
+    """The plain torch path in the op's dtype (for assert_close_to_oracle)."""
+    weight = None if ids is not None else mask
+    loss, diff, den = loss_mod._fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps)
+    grad = loss_mod._bwd_torch(diff, weight, den, torch.ones((), dtype=torch.float32))
+    return loss, grad
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    """Under the interpreter, make the torch path raise: the op must run the Triton kernels."""
+    if not INTERP:
+        pytest.skip("needs TRITON_INTERPRET=1 (Triton kernels through the interpreter)")
+
+    def boom(*a, **k):
+        raise AssertionError("torch path used where the Triton path was expected")
+
+    monkeypatch.setattr(loss_mod, "_fwd_torch", boom)
+    monkeypatch.setattr(loss_mod, "_bwd_torch", boom)
+
+
+SHAPES = [
+    # n, c, h, w, p
+    (3, 3, 32, 48, 8),  # non-square, D = 192
+    (2, 3, 28, 42, 14),  # D = 588, not a power of two
+    (2, 1, 48, 16, 16),  # C = 1, D = 256
+    (2, 4, 32, 32, 16),  # C = 4, D = 1024
+]
+
+
+# ------------------------------------------------------------------------------ accuracy, fp32
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_fp32_against_float64_oracle(shape, norm_pix, form):
+    n, c, h, w, p = shape
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=sum(shape))
+    if form == "full":
+        loss, grad = run(pred, imgs, mask, p, norm_pix=norm_pix)
+        ref_loss, ref_grad = oracle(pred, imgs, mask, p, norm_pix=norm_pix)
+    else:
+        pm = torch.stack([pred[b, ids[b]] for b in range(n)])  # [N, M, D]
+        loss, grad = run(pm, imgs, None, p, norm_pix=norm_pix, ids_masked=ids)
+        ref_loss, ref_grad = oracle(pm, imgs, None, p, norm_pix=norm_pix, ids=ids)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert grad.dtype == torch.float32 and grad.shape == (pred.shape if form == "full" else pm.shape)
+    assert rel_err(grad, ref_grad) < 1e-5
+
+
+def test_patch_size_32_fp32():
+    pred, imgs, mask, _ = make_inputs(2, 3, 64, 32, 32, ratio=0.5)
+    loss, grad = run(pred, imgs, mask, 32)
+    ref_loss, ref_grad = oracle(pred, imgs, mask, 32)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(grad, ref_grad) < 1e-5
+
+
+# ------------------------------------------------------------------------------ low precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_low_precision_against_oracle(dtype, form):
+    n, c, h, w, p = 3, 3, 32, 48, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, dtype=dtype, seed=7)
+    if form == "masked":
+        pred = torch.stack([pred[b, ids[b]] for b in range(n)])
+        mask_arg, kw, oids = None, {"ids_masked": ids}, ids
+    else:
+        mask_arg, kw, oids = mask, {}, None
+    loss, grad = run(pred, imgs, mask_arg, p, **kw)
+    ref_loss, ref_grad = oracle(pred, imgs, mask_arg, p, ids=oids)
+    same_loss, same_grad = run_torch_same_dtype(pred, imgs, mask_arg, p, ids=oids)
+    assert grad.dtype == dtype
+    assert rel_err(loss, ref_loss) < 1e-5  # statistics in fp32 on the same (rounded) inputs
+    # one ulp at the largest gradient: the saved diff is rounded to the pred dtype, then the gradient
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert_close_to_oracle(grad, ref_grad, same_grad, atol=ulp * ref_grad.abs().max().item(), name="grad")
+    assert rel_err(grad, ref_grad) < ulp
+
+
+def test_mixed_dtypes_bf16_pred_fp32_imgs():
+    pred, imgs, mask, _ = make_inputs(2, 3, 32, 32, 8, dtype=torch.bfloat16, img_dtype=torch.float32)
+    loss, grad = run(pred, imgs, mask, 8)
+    ref_loss, ref_grad = oracle(pred, imgs, mask, 8)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert grad.dtype == torch.bfloat16 and rel_err(grad, ref_grad) < 2 ** -7
+
+
+# ------------------------------------------------------------------------------ the reference
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_matches_reference_forward_loss(norm_pix):
+    n, c, h, w, p = 2, 3, 32, 48, 16
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=3)
+    x = pred.clone().requires_grad_(True)
+    ref = reference.patch_loss(imgs, x, mask, p, norm_pix_loss=norm_pix, eps=1e-6)
+    ref.backward()
+    loss, grad = run(pred, imgs, mask, p, norm_pix=norm_pix)
+    assert rel_err(loss, ref.detach()) < 1e-5
+    assert rel_err(grad, x.grad) < 1e-5
+    # masked-only form: the same value; its gradient is the full gradient's masked rows
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)])
+    loss_m, grad_m = run(pm, imgs, mask, p, norm_pix=norm_pix, ids_masked=ids)
+    assert rel_err(loss_m, ref.detach()) < 1e-5
+    full_rows = torch.stack([x.grad[b, ids[b]] for b in range(n)])
+    assert rel_err(grad_m, full_rows) < 1e-5
+
+
+def test_reference_model_forward_loss():
+    model = reference.MaskedAutoencoderViT(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=1,
+                                           num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                                           decoder_num_heads=2, norm_pix_loss=True)
+    imgs = torch.rand(2, 3, 32, 32)
+    ref_loss, pred, mask = model(imgs, mask_ratio=0.75)
+    loss = norm_pix_loss(pred, imgs, mask, 8)
+    assert rel_err(loss.detach(), ref_loss.detach()) < 1e-5
+
+
+# ------------------------------------------------------------------------------ Triton really runs
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_triton_path_executed_under_interpreter(triton_only, form):
+    n, c, h, w, p = 2, 3, 24, 40, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=11)
+    if form == "masked":
+        pred = torch.stack([pred[b, ids[b]] for b in range(n)])
+        loss, grad = run(pred, imgs, None, p, ids_masked=ids)
+        ref_loss, ref_grad = oracle(pred, imgs, None, p, ids=ids)
+    else:
+        loss, grad = run(pred, imgs, mask, p)
+        ref_loss, ref_grad = oracle(pred, imgs, mask, p)
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_triton_through_registered_ops(triton_only, monkeypatch, form):
+    """The path torch.compile takes (triton_op + register_autograd), run eagerly under the interpreter."""
+    monkeypatch.setattr(loss_mod, "_EAGER_FAST_PATH", False)
+
+    def boom(*a, **k):
+        raise AssertionError("eager fast path used")
+
+    monkeypatch.setattr(loss_mod._EagerNormPixLoss, "apply", boom)
+    n, c, h, w, p = 2, 3, 16, 40, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=13)
+    if form == "masked":
+        pred = torch.stack([pred[b, ids[b]] for b in range(n)])
+        loss, grad = run(pred, imgs, None, p, ids_masked=ids)
+        ref_loss, ref_grad = oracle(pred, imgs, None, p, ids=ids)
+    else:
+        loss, grad = run(pred, imgs, mask, p)
+        ref_loss, ref_grad = oracle(pred, imgs, mask, p)
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+def test_triton_multi_iteration_programs(triton_only, monkeypatch):
+    """Programs that loop over several row blocks (partial last program) and a looping finish kernel."""
+    n, c, h, w, p = 3, 3, 32, 40, 8  # 60 rows of D = 192
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=5, ratio=0.5)
+    k = loss_mod._k
+    real_fwd, real_bwd = k.fwd_config, k.bwd_config
+    seen = []
+
+    def fwd_cfg(R, P, C):
+        pp_pad, c_pad, _, _, warps, _ = real_fwd(R, P, C)
+        seen.append(("fwd", R))
+        return pp_pad, c_pad, 4, 3, warps, -(-R // 12)  # 12 rows per program, ITERS = 3
+
+    def bwd_cfg(R, D):
+        d_pad, _, _, warps, _ = real_bwd(R, D)
+        seen.append(("bwd", R))
+        return d_pad, 2, 4, warps, -(-R // 8)  # 8 rows per program, ITERS = 4
+
+    monkeypatch.setattr(k, "fwd_config", fwd_cfg)
+    monkeypatch.setattr(k, "bwd_config", bwd_cfg)
+    monkeypatch.setattr(k, "finish_config", lambda G: (2, 1))  # 5 partials, BLOCK 2
+    loss, grad = run(pred, imgs, mask, p)
+    ref_loss, ref_grad = oracle(pred, imgs, mask, p)
+    assert seen == [("fwd", 60), ("bwd", 60)]  # both kernels used the forced configs
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)])  # 3 x 10 = 30 rows
+    loss_m, grad_m = run(pm, imgs, None, p, ids_masked=ids)
+    ref_loss_m, ref_grad_m = oracle(pm, imgs, None, p, ids=ids)
+    assert rel_err(loss_m, ref_loss_m) < 1e-5 and rel_err(grad_m, ref_grad_m) < 1e-5
+
+
+def test_launch_configs():
+    from mae_fast.kernels.norm_pix_loss import bwd_config, finish_config, fwd_config
+
+    for R, P, C in [(256 * 196, 16, 3), (256 * 147, 14, 3), (7, 8, 1), (10**6, 4, 3), (3, 32, 3), (5, 16, 4)]:
+        pp_pad, c_pad, block_p, iters, _, grid = fwd_config(R, P, C)
+        assert pp_pad >= P * P and c_pad >= C and pp_pad & (pp_pad - 1) == 0 and c_pad & (c_pad - 1) == 0
+        assert grid * block_p * iters >= R > (grid - 1) * block_p * iters
+        d_pad, block_p, iters, _, grid = bwd_config(R, P * P * C)
+        assert d_pad >= P * P * C and d_pad & (d_pad - 1) == 0
+        assert grid * block_p * iters >= R > (grid - 1) * block_p * iters
+        block, _ = finish_config(grid)
+        assert block & (block - 1) == 0
+
+
+# ------------------------------------------------------------------------------ semantics
+def test_masked_form_equals_full_form_with_mask_given():
+    n, c, h, w, p = 3, 3, 32, 48, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=2)
+    loss_full, grad_full = run(pred, imgs, mask, p)
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)])
+    loss_m, grad_m = run(pm, imgs, mask, p, ids_masked=ids.to(torch.int32))
+    assert rel_err(loss_m, loss_full) < 1e-6
+    assert rel_err(grad_m, torch.stack([grad_full[b, ids[b]] for b in range(n)])) < 1e-6
+    kept = mask == 0
+    assert (grad_full[kept] == 0).all()
+
+
+def test_constant_patches_finite():
+    n, c, h, w, p = 2, 3, 16, 32, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=4, ratio=0.5)
+    imgs[:, :, :8, :8] = 0.37  # patch 0 constant in every channel
+    imgs[:, :, 8:, 24:] = 0.0  # last patch all zeros
+    mask[:, 0] = 1.0
+    mask[:, -1] = 1.0
+    loss, grad = run(pred, imgs, mask, p)
+    ref_loss, ref_grad = oracle(pred, imgs, mask, p)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+def test_fractional_mask_weights():
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=6)
+    weights = mask * torch.rand(mask.shape)
+    weights[:, 0] = 0.5
+    loss, grad = run(pred, imgs, weights, 8)
+    ref_loss, ref_grad = oracle(pred, imgs, weights, 8)
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+def test_non_contiguous_inputs_and_bool_mask():
+    n, c, h, w, p = 2, 3, 16, 24, 8
+    pred, imgs, mask, _ = make_inputs(n, c, h, w, p, seed=8)
+    imgs_cl = imgs.to(memory_format=torch.channels_last)
+    big = torch.randn(n, pred.shape[1], 2 * pred.shape[2])
+    big[:, :, ::2] = pred
+    pred_strided = big[:, :, ::2]  # [N, L, D], stride 2 in D
+    assert not pred_strided.is_contiguous() and not imgs_cl.is_contiguous()
+    loss, grad = run(pred_strided, imgs_cl, mask.bool(), p)
+    ref_loss, ref_grad = oracle(pred, imgs, mask, p)
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+def test_grad_output_scaling_and_no_input_mutation():
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=9)
+    copies = [t.clone() for t in (pred, imgs, mask)]
+    x = pred.clone().requires_grad_(True)
+    (norm_pix_loss(x, imgs, mask, 8) * 3.5).backward()
+    _, ref_grad = oracle(pred, imgs, mask, 8)
+    assert rel_err(x.grad, 3.5 * ref_grad) < 1e-5
+    for a, b in zip(copies, (pred, imgs, mask)):
+        assert torch.equal(a, b)
+    # imgs needing grad does not break anything (imgs are constants for this loss)
+    y = pred.clone().requires_grad_(True)
+    norm_pix_loss(y, imgs.clone().requires_grad_(True), mask, 8).backward()
+    assert rel_err(y.grad, ref_grad) < 1e-5
+
+
+def test_backward_twice_with_retain_graph():
+    """The kept diff is only read by backward: a second backward gives the same gradient."""
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=14)
+    x = pred.clone().requires_grad_(True)
+    loss = norm_pix_loss(x, imgs, mask, 8)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2)
+
+
+def test_deterministic():
+    pred, imgs, mask, _ = make_inputs(2, 3, 32, 48, 8, seed=10)
+    a = run(pred, imgs, mask, 8)
+    b = run(pred, imgs, mask, 8)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_uncounted_patches_are_not_read():
+    """A NaN in a patch with mask 0 does not reach the loss (documented difference from the reference)."""
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=12, ratio=0.5)
+    mask[:, 0] = 0.0
+    clean = run(pred, imgs, mask, 8)
+    pred2, imgs2 = pred.clone(), imgs.clone()
+    pred2[:, 0] = float("nan")
+    imgs2[:, :, :8, :8] = float("inf")
+    dirty = run(pred2, imgs2, mask, 8)
+    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def test_bad_inputs():
+    n, c, h, w, p = 2, 3, 16, 24, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p)
+    with pytest.raises(ValueError, match="patch_size=5"):
+        norm_pix_loss(pred, imgs, mask, 5)
+    with pytest.raises(ValueError, match=r"pred must have shape \[2, 6, 192\]"):
+        norm_pix_loss(pred[:, :, :-1], imgs, mask, p)
+    with pytest.raises(ValueError, match=r"mask must have shape \[2, 6\]"):
+        norm_pix_loss(pred, imgs, mask[:, :-1], p)
+    with pytest.raises(ValueError, match="mask is empty"):
+        norm_pix_loss(pred, imgs, torch.zeros_like(mask), p)
+    with pytest.raises(ValueError, match="mask must be given"):
+        norm_pix_loss(pred, imgs, None, p)
+    with pytest.raises(TypeError, match="pred must have dtype"):
+        norm_pix_loss(pred.double(), imgs, mask, p)
+    with pytest.raises(TypeError, match="imgs must be a torch.Tensor"):
+        norm_pix_loss(pred, imgs.numpy(), mask, p)
+    with pytest.raises(ValueError, match="imgs must have 4 dims"):
+        norm_pix_loss(pred, imgs[0], mask, p)
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        norm_pix_loss(pred, imgs, mask, 0)
+    with pytest.raises(ValueError, match="is on meta"):
+        norm_pix_loss(pred, imgs.to("meta"), mask, p)
+    with pytest.raises(ValueError, match="is on meta"):
+        norm_pix_loss(pred, imgs, mask.to("meta"), p)
+    # masked-only form
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)])
+    with pytest.raises(ValueError, match=r"pred must have shape \[2, 5, 192\]"):
+        norm_pix_loss(pm[:, :-1], imgs, None, p, ids_masked=ids)
+    with pytest.raises(ValueError, match="ids_masked has entries outside"):
+        norm_pix_loss(pm, imgs, None, p, ids_masked=ids + 6)
+    with pytest.raises(TypeError, match="ids_masked must have dtype"):
+        norm_pix_loss(pm, imgs, None, p, ids_masked=ids.float())
+    with pytest.raises(ValueError, match="M >= 1"):
+        norm_pix_loss(pm[:, :0], imgs, None, p, ids_masked=ids[:, :0])
+    with pytest.raises(ValueError, match=r"mask must have shape \[2, 6\]"):
+        norm_pix_loss(pm, imgs, mask[:, :-1], p, ids_masked=ids)
+    wrong = 1.0 - mask
+    with pytest.raises(ValueError, match="mask does not match ids_masked"):
+        norm_pix_loss(pm, imgs, wrong, p, ids_masked=ids)
+    with pytest.raises(ValueError, match="is on meta"):
+        norm_pix_loss(pm, imgs, None, p, ids_masked=ids.to("meta"))
+    with pytest.raises(ValueError, match="at least one channel"):
+        norm_pix_loss(pred[:, :, :0], imgs[:, :0], mask, p, norm_pix=False)
+    with pytest.raises(ValueError, match="at least one image"):
+        norm_pix_loss(pred[:0], imgs[:0], mask[:0], p)
+    with pytest.raises(ValueError, match="patch_size=8"):
+        norm_pix_loss(pred, imgs[:, :, :12], mask, p)
+    with pytest.raises(ValueError, match="mask must have dtype|mask must have 2 dims"):
+        norm_pix_loss(pred, imgs, mask[None], p)
+    with pytest.raises(ValueError, match="ids_masked must have shape"):
+        norm_pix_loss(pm, imgs, None, p, ids_masked=ids[:1])
+    with pytest.raises(ValueError, match="at least 2 values"):
+        norm_pix_loss(torch.zeros(1, 4, 1), torch.zeros(1, 1, 2, 2), torch.ones(1, 4), 1)
+
+
+# ------------------------------------------------------------------------------ compile (CPU)
+def test_compile_fullgraph_cpu_subprocess():
+    """torch.compile(fullgraph=True) on CPU; TRITON_INTERPRET unset (the interpreter does not trace)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from mae_fast.ops.loss import norm_pix_loss
+        torch.manual_seed(0)
+        imgs = torch.rand(2, 3, 16, 24)
+        pred = torch.randn(2, 6, 192, requires_grad=True)
+        mask = (torch.rand(2, 6) < 0.7).float(); mask[:, 0] = 1
+        ids = torch.tensor([[0, 2, 5], [1, 3, 4]])
+        pm = torch.randn(2, 3, 192, requires_grad=True)
+        def f(pred, imgs, mask):
+            return norm_pix_loss(pred, imgs, mask, 8)
+        def g(pm, imgs, ids):
+            return norm_pix_loss(pm, imgs, None, 8, ids_masked=ids)
+        for fn, args in ((f, (pred, imgs, mask)), (g, (pm, imgs, ids))):
+            eager = fn(*args); eager.backward(); ge = args[0].grad.clone(); args[0].grad = None
+            comp = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+            comp.backward(); gc = args[0].grad.clone(); args[0].grad = None
+            assert torch.allclose(eager, comp, rtol=1e-6), (eager, comp)
+            assert torch.allclose(ge, gc, rtol=1e-5, atol=1e-9)
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [14, 16])
+def test_gpu_real_sizes(dtype, p):
+    n, c, size = 16, 3, 224
+    pred, imgs, mask, ids = make_inputs(n, c, size, size, p, dtype=dtype, seed=p)
+    loss, grad = run(pred.cuda(), imgs.cuda(), mask.cuda(), p)
+    ref_loss, ref_grad = oracle(pred, imgs, mask, p)
+    same_loss, same_grad = run_torch_same_dtype(pred, imgs, mask, p)
+    assert rel_err(loss, ref_loss) < 1e-5
+    ulp = {torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    assert_close_to_oracle(grad, ref_grad, same_grad, atol=ulp * ref_grad.abs().max().item(), name="grad")
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)])
+    loss_m, grad_m = run(pm.cuda(), imgs.cuda(), None, p, ids_masked=ids.cuda())
+    assert rel_err(loss_m, ref_loss) < 1e-5
+    # same rows as the full form (fp16 gradients here are subnormal: compare with the op, not the oracle)
+    assert rel_err(grad_m, torch.stack([grad[b, ids[b]] for b in range(n)]).cpu()) < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_compile_triton_visible_and_reference():
+    n, c, size, p = 8, 3, 224, 16
+    pred, imgs, mask, ids = make_inputs(n, c, size, size, p, dtype=torch.bfloat16, seed=1)
+    pred, imgs, mask, ids = pred.cuda(), imgs.cuda(), mask.cuda(), ids.cuda()
+    x = pred.clone().requires_grad_(True)
+    eager = norm_pix_loss(x, imgs, mask, p)
+    eager.backward()
+    ge = x.grad.clone()
+    x.grad = None
+    comp = torch.compile(lambda a, b, m: norm_pix_loss(a, b, m, p), fullgraph=True)(x, imgs, mask)
+    comp.backward()
+    # same kernels; inductor may pass the float arguments (eps, 2/D) as fp64: last-bit differences only
+    assert rel_err(comp, eager) < 1e-6 and rel_err(x.grad, ge) < 1e-2
+    assert (x.grad.float() - ge.float()).abs().max() <= 2 ** -7 * ge.float().abs().max()
+    r = reference.patch_loss(imgs.float(), pred.float(), mask, p, norm_pix_loss=True)
+    assert rel_err(eager, r) < 1e-5
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)]).requires_grad_(True)
+    comp_m = torch.compile(lambda a, b, i: norm_pix_loss(a, b, None, p, ids_masked=i), fullgraph=True)(pm, imgs, ids)
+    comp_m.backward()
+    assert rel_err(comp_m, r) < 1e-5
+    assert rel_err(pm.grad, torch.stack([ge[b, ids[b]] for b in range(n)])) < 1e-2
