@@ -1,22 +1,54 @@
-"""Training-step throughput: forward, backward and an AdamW step, timed per step.
+"""Training-step throughput: forward, backward and an AdamW step, side by side and interleaved.
 
-Used by `mae-fast bench`. Today it times the reference model (mae_fast.reference); the
-side-by-side comparison with the fast model and torch.compile extends ``VARIANTS``.
+Used by `mae-fast bench` and `mae-fast sweep`. Variants (``VARIANTS``, name -> builder(cfg, device)):
+
+  reference           mae_fast.reference, eager
+  reference+compile   torch.compile(reference model), default mode (the model only, not the optimizer)
+  mae_fast            mae_fast.models.create_model (the fast model), eager, trained through its
+                      ``forward_train`` (loss only, its own fast path) when it has one
+  mae_fast+compile    torch.compile of the same, default mode
+
+How it measures: every variant is built and warmed up first (compilation happens there), then the
+timed steps run in rounds, one step of each variant per round, so slow drifts of the machine (clocks,
+temperature, other load) hit every variant alike. One shared pool of random images (three batches,
+rotated; never zeros). CUDA events bracket each step on a GPU, perf_counter on a CPU; median with
+p20/p80 over the timed steps. bf16 autocast on a GPU, fp32 on a CPU unless ``dtype`` says otherwise.
+
+Peak memory (CUDA) is each variant's own: the allocator's peak during its steps minus what the other
+variants keep resident (their weights and optimizer state), i.e. what the step would need with this
+variant alone in the process (the image pool included).
+
+Mask ratio 0 (no masking): the official loss averages over removed patches and divides by zero there.
+Here the loss at ratio 0 is defined as the mean over all patches (reconstruction of every, visible,
+patch); the reference variants switch to it (``AllPatchLoss``) so the unmasked baseline of a sweep is a
+real training step. The fast model must do the same (or fail loudly; its result is then an error).
+
+Under ``torchrun --nproc_per_node=N`` every process runs the same variants under
+DistributedDataParallel (nccl on CUDA, gloo on CPU), batch = per-device batch; the results hold
+per-device and total images/s.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
-from . import benchutil, reference
+from . import benchutil, flops, reference
 
 CPU_DEFAULT = dict(model="mae_vit_tiny_patch8", batch_size=32, steps=20, warmup=3)
 GPU_DEFAULT = dict(model="mae_vit_base_patch16", batch_size=256, steps=30, warmup=5)
+ALL_VARIANTS = ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
+
+
+class VariantUnavailable(RuntimeError):
+    """A variant was asked for that cannot be built here (e.g. mae_fast.models does not import)."""
 
 
 @dataclass
@@ -32,17 +64,27 @@ class BenchConfig:
     device: str = "auto"
     norm_pix_loss: bool = True
     seed: int = 0
-    variants: List[str] = field(default_factory=lambda: ["reference"])
+    # None: the default set (reference, mae_fast when it imports; +compile ones when ``compile``)
+    variants: Optional[List[str]] = None
+    compile: Optional[bool] = None  # None: on a GPU yes, on a CPU no (compiling on a CPU is slow)
+    peak_tflops: Optional[float] = None  # None: measured in the run (benchutil.matmul_peak)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            dev = torch.device(self.device)
+        if dev.type == "cuda" and dev.index is None and _world_size() > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return dev
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
         return "bf16" if self.resolved_device().type == "cuda" else "fp32"
+
+    def resolved_compile(self) -> bool:
+        return self.resolved_device().type == "cuda" if self.compile is None else bool(self.compile)
 
 
 def default_config(device: Optional[str] = None, **overrides) -> BenchConfig:
@@ -50,8 +92,12 @@ def default_config(device: Optional[str] = None, **overrides) -> BenchConfig:
     dev = device or "auto"
     is_cuda = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else torch.device(dev)).type == "cuda"
     base = dict(GPU_DEFAULT if is_cuda else CPU_DEFAULT)
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return BenchConfig(device=dev, **base)
+    extra = {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        (base if k in base else extra)[k] = v
+    return BenchConfig(device=dev, **base, **extra)
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -61,117 +107,374 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
-def build_reference(cfg: BenchConfig, device: torch.device) -> torch.nn.Module:
+# --------------------------------------------------------------------------- variants
+class AllPatchLoss(nn.Module):
+    """The reference with the ratio-0 loss defined: at mask_ratio 0 the loss is the mean over all patches.
+
+    For mask_ratio > 0 it is the reference's forward, unchanged.
+    """
+
+    def __init__(self, model: reference.MaskedAutoencoderViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
+        m = self.model
+        if mask_ratio > 0:
+            return m(imgs, mask_ratio, noise)
+        latent, mask, ids_restore = m.forward_encoder(imgs, 0.0, noise)  # [N, 1+L, D], mask all 0
+        pred = m.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+        loss = m.forward_loss(imgs, pred, torch.ones_like(mask))  # every patch counts
+        return loss, pred, mask
+
+
+def _model_kwargs(cfg: BenchConfig) -> dict:
     kwargs = {"norm_pix_loss": cfg.norm_pix_loss}
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
     if cfg.patch_size is not None:
         kwargs["patch_size"] = cfg.patch_size
-    return reference.create_model(cfg.model, **kwargs).to(device)
+    return kwargs
 
 
-VARIANTS: Dict[str, Callable[[BenchConfig, torch.device], torch.nn.Module]] = {
+def _create(factory, cfg: BenchConfig, device: torch.device) -> nn.Module:
+    """factory(name, **kwargs) on ``device``: built there directly on a GPU (initialising ViT-L on the host
+    takes seconds, and a sweep builds dozens of models), on the host otherwise."""
+    ctx = torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        model = factory(cfg.model, **_model_kwargs(cfg))
+    return model.to(device)
+
+
+def build_reference(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    model = _create(reference.create_model, cfg, device)
+    return AllPatchLoss(model) if cfg.mask_ratio == 0 else model
+
+
+def build_reference_compiled(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    return torch.compile(build_reference(cfg, device))
+
+
+def fast_models_module():
+    """mae_fast.models, or VariantUnavailable saying why it cannot be used."""
+    try:
+        mod = importlib.import_module("mae_fast.models")
+    except ImportError as e:
+        raise VariantUnavailable(
+            f"the mae_fast variants need mae_fast.models (create_model), which does not import here: {e}"
+        ) from e
+    if not hasattr(mod, "create_model"):
+        raise VariantUnavailable("the mae_fast variants need mae_fast.models.create_model, which is missing")
+    return mod
+
+
+def fast_available() -> bool:
+    try:
+        fast_models_module()
+        return True
+    except VariantUnavailable:
+        return False
+
+
+class TrainLoss(nn.Module):
+    """The fast model's training path: ``forward_train`` (the loss only; the model chooses its fast path,
+    e.g. the decoder head on removed tokens only) when it has one, else its ``forward``. A module, so that
+    torch.compile and DDP see that path through ``forward``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.uses_forward_train = callable(getattr(model, "forward_train", None))
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
+        if self.uses_forward_train:
+            return self.model.forward_train(imgs, mask_ratio)
+        return self.model(imgs, mask_ratio)[0]
+
+
+def build_mae_fast(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    return TrainLoss(_create(fast_models_module().create_model, cfg, device))
+
+
+def build_mae_fast_compiled(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    return torch.compile(build_mae_fast(cfg, device))
+
+
+VARIANTS: Dict[str, Callable[[BenchConfig, torch.device], nn.Module]] = {
     "reference": build_reference,
+    "reference+compile": build_reference_compiled,
+    "mae_fast": build_mae_fast,
+    "mae_fast+compile": build_mae_fast_compiled,
 }
 
 
-def _train_step_fn(model, opt, imgs_pool, cfg: BenchConfig, device: torch.device):
-    state = {"i": 0}
-    dtype = cfg.resolved_dtype()
+def resolve_variants(cfg: BenchConfig) -> tuple:
+    """(variants to run, {skipped variant: why}). Explicitly asked-for variants are never skipped."""
+    if cfg.variants:
+        unknown = [v for v in cfg.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; available: {sorted(VARIANTS)}")
+        if any(v.startswith("mae_fast") for v in cfg.variants) and VARIANTS["mae_fast"] is build_mae_fast:
+            fast_models_module()  # asked for: a clear VariantUnavailable now, before any timing
+        return list(dict.fromkeys(cfg.variants)), {}
+    names = ["reference", "mae_fast"]
+    if cfg.resolved_compile():
+        names = ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
+    skipped = {}
+    try:
+        fast_models_module()
+    except VariantUnavailable as e:
+        why = str(e)
+        for v in [n for n in names if n.startswith("mae_fast")]:
+            skipped[v] = why
+        names = [n for n in names if not n.startswith("mae_fast")]
+    return names, skipped
 
-    def step():
-        imgs = imgs_pool[state["i"] % len(imgs_pool)]
-        state["i"] += 1
-        with _autocast(device, dtype):
-            loss, _, _ = model(imgs, mask_ratio=cfg.mask_ratio)
+
+def flops_options(name: str, model: nn.Module) -> dict:
+    """How to count a variant's FLOPs: the reference embeds all patches and predicts all rows; the fast
+    model may say what it does through attributes of the same names; by default: visible-only embedding
+    (ARCHITECTURE.md) and a head on removed tokens only when it trains through ``forward_train``."""
+    if name.startswith("reference"):
+        return {"embed_visible_only": False, "pred_masked_only": False}
+    wrapper = getattr(model, "_orig_mod", model)
+    inner = getattr(wrapper, "model", wrapper)
+    head_default = bool(getattr(wrapper, "uses_forward_train", False))  # forward_train: head on removed tokens
+    return {
+        "embed_visible_only": bool(getattr(inner, "embed_visible_only", True)),
+        "pred_masked_only": bool(getattr(inner, "pred_masked_only", head_default)),
+    }
+
+
+# --------------------------------------------------------------------------- distributed
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _dist_setup(device: torch.device) -> bool:
+    """Start the process group under torchrun; True when running distributed."""
+    if _world_size() <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    compiled = hasattr(model, "_orig_mod")
+    inner = model._orig_mod if compiled else model
+    ddp = DDP(inner, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(ddp) if compiled else ddp
+
+
+# --------------------------------------------------------------------------- one variant's step
+class _Runner:
+    """A built variant: model, optimizer, one training step, its timings."""
+
+    def __init__(self, name: str, cfg: BenchConfig, device: torch.device, imgs_pool, distributed: bool):
+        self.name = name
+        self.cfg = cfg
+        self.device = device
+        torch.manual_seed(cfg.seed)  # same initial weights for every variant (and every rank)
+        model = VARIANTS[name](cfg, device)
+        model.train()
+        self.dims = flops.dims_of(model)
+        self.flops_opts = flops_options(name, model)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        self.model = _wrap_ddp(model, device) if distributed else model
+        self.imgs_pool = imgs_pool
+        self.dtype = cfg.resolved_dtype()
+        self.i = 0
+        self.times: List[float] = []
+        self.events: list = []
+        self.peak_bytes = 0
+        self.resident_bytes = 0
+        self.last_loss: Optional[torch.Tensor] = None
+
+    def step(self) -> torch.Tensor:
+        imgs = self.imgs_pool[self.i % len(self.imgs_pool)]
+        self.i += 1
+        with _autocast(self.device, self.dtype):
+            out = self.model(imgs, mask_ratio=self.cfg.mask_ratio)
+        loss = out[0] if isinstance(out, (tuple, list)) else out  # reference: (loss, pred, mask); fast: loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss
 
-    return step
-
-
-def run_variant(name: str, cfg: BenchConfig, progress: Optional[Callable[[str, int, int], None]] = None) -> dict:
-    """Time ``cfg.steps`` training steps of one variant after ``cfg.warmup`` untimed ones."""
-    device = cfg.resolved_device()
-    torch.manual_seed(cfg.seed)
-    model = VARIANTS[name](cfg, device)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    C = model.patch_embed.in_chans
-    H, W = model.patch_embed.img_size
-    # a few distinct random batches, rotated (never zeros; no single buffer that stays in cache)
-    imgs_pool = [torch.randn(cfg.batch_size, C, H, W, device=device) for _ in range(3)]
-    step = _train_step_fn(model, opt, imgs_pool, cfg, device)
-
-    cuda = device.type == "cuda"
-    for i in range(cfg.warmup):
-        step()
-        if progress:
-            progress(f"{name} warm-up", i + 1, cfg.warmup)
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times: List[float] = []
-    last_loss = None
-    for i in range(cfg.steps):
+    def timed_step(self) -> None:
+        cuda = self.device.type == "cuda"
         if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            last_loss = step()
+            self.last_loss = self.step()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            self.events.append((start, end))
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
         else:
             t0 = time.perf_counter()
-            last_loss = step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if progress:
-            progress(name, i + 1, cfg.steps)
-    q = benchutil._quantiles(times)
-    loss_value = float(last_loss.detach().float().item())
-    if not torch.isfinite(torch.tensor(loss_value)):
-        raise RuntimeError(f"{name}: the loss is not finite ({loss_value}); the benchmark is meaningless")
-    return {
-        "variant": name,
-        "images_per_s": cfg.batch_size / (q["median_ms"] * 1e-3),
-        "step_ms_median": q["median_ms"],
-        "step_ms_p20": q["p20_ms"],
-        "step_ms_p80": q["p80_ms"],
-        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
-        "final_loss": loss_value,
-        "steps": cfg.steps,
-    }
+            self.last_loss = self.step()
+            self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def collect(self) -> None:
+        if self.events:
+            torch.cuda.synchronize(self.device)
+            self.times.extend(s.elapsed_time(e) for s, e in self.events)
+            self.events = []
 
 
 def _stderr_progress(label: str, i: int, n: int) -> None:
     width = 24
     done = int(width * i / n)
-    sys.stderr.write(f"\r  {label:<22} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
+    sys.stderr.write(f"\r  {label:<26} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
     if i == n:
         sys.stderr.write("\n")
     sys.stderr.flush()
 
 
-def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = True) -> dict:
-    """Run every variant of ``cfg`` and return the results document (provenance + results)."""
-    unknown = [v for v in cfg.variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; available: {sorted(VARIANTS)}")
+def _images(cfg: BenchConfig, dims: flops.MAEDims, device: torch.device, rank: int) -> List[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + 17 + rank)
+    # a few distinct random batches, rotated (never zeros; no single buffer that stays in cache)
+    return [torch.randn(cfg.batch_size, dims.in_chans, dims.img_h, dims.img_w, generator=g).to(device) for _ in range(3)]
+
+
+def measure_peak(cfg: BenchConfig, device: torch.device) -> tuple:
+    """(peak FLOP/s, how it was obtained): ``cfg.peak_tflops`` if given, else a GEMM measured now."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12, "given (--peak-tflops)"
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.resolved_dtype()]
+    if device.type == "cpu":
+        dt = torch.float32 if dt == torch.float16 else dt
+    n = 8192 if device.type == "cuda" else 1024
+    return benchutil.matmul_peak(device, dt, n=n), f"measured: {n}x{n} {str(dt).replace('torch.', '')} matmul (p20)"
+
+
+# --------------------------------------------------------------------------- the run
+def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = True,
+        peak: Optional[tuple] = None) -> dict:
+    """Run the variants of ``cfg`` interleaved and return the results document (provenance + results).
+
+    ``peak``: (FLOP/s, source) to reuse instead of measuring (the sweep measures once).
+    """
+    names, skipped = resolve_variants(cfg)
     device = cfg.resolved_device()
-    show = progress and sys.stderr.isatty()  # a bar on a terminal, nothing in logs
-    results = [run_variant(v, cfg, _stderr_progress if show else None) for v in cfg.variants]
-    ref = next((r for r in results if r["variant"] == "reference"), None)
-    for r in results:
-        r["speedup_vs_reference"] = (r["images_per_s"] / ref["images_per_s"]) if ref else None
+    distributed = _dist_setup(device)
+    rank = _rank()
+    world = _world_size() if distributed else 1
+    show = progress and sys.stderr.isatty() and rank == 0  # a bar on a terminal, nothing in logs
+    bar = _stderr_progress if show else None
+    cuda = device.type == "cuda"
+
+    if any(n.endswith("+compile") for n in names):
+        # fresh compile caches: new model instances would otherwise count as recompiles of the same code,
+        # and past dynamo's recompile limit a "+compile" variant would quietly run eager
+        torch._dynamo.reset()
+    dims = flops.dims_of_config(cfg.model, cfg.img_size, cfg.patch_size)
+    imgs_pool = _images(cfg, dims, device, rank)
+    runners: List[_Runner] = []
+    for name in names:
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        r = _Runner(name, cfg, device, imgs_pool, distributed)
+        for i in range(cfg.warmup):
+            r.step()
+            if bar:
+                bar(f"{name} warm-up", i + 1, cfg.warmup)
+        if cuda:
+            torch.cuda.synchronize(device)
+            r.resident_bytes = torch.cuda.memory_allocated(device) - before
+        runners.append(r)
+    if peak is None:
+        peak = measure_peak(cfg, device)
+    peak_flops, peak_source = peak
+
+    for i in range(cfg.steps):  # interleaved rounds: one step of each variant
+        for r in runners:
+            r.timed_step()
+        if cuda and (i + 1) % 8 == 0:
+            for r in runners:
+                r.collect()
+        if bar:
+            bar("timed steps (interleaved)", i + 1, cfg.steps)
+    for r in runners:
+        r.collect()
+
+    results = []
+    for r in runners:
+        q = benchutil._quantiles(r.times)
+        loss_value = float(r.last_loss.detach().float().item())
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise RuntimeError(f"{r.name}: the loss is not finite ({loss_value}); the benchmark is meaningless")
+        ips = cfg.batch_size / (q["median_ms"] * 1e-3)  # this device
+        others = sum(o.resident_bytes for o in runners if o is not r)
+        fpi = flops.train_flops(r.dims, cfg.mask_ratio, **r.flops_opts)
+        results.append({
+            "variant": r.name,
+            "images_per_s": ips,
+            "step_ms_median": q["median_ms"],
+            "step_ms_p20": q["p20_ms"],
+            "step_ms_p80": q["p80_ms"],
+            "peak_mem_bytes": (r.peak_bytes - others) if cuda else None,
+            "flops_per_image": fpi,
+            "tflops_per_s": fpi * ips / 1e12,
+            "mfu": fpi * ips / peak_flops,
+            "final_loss": loss_value,
+            "steps": len(r.times),
+            "flops_counting": r.flops_opts,
+        })
+    if distributed:
+        import torch.distributed as dist
+
+        per_rank: List[Optional[list]] = [None] * world
+        dist.all_gather_object(per_rank, [x["images_per_s"] for x in results])
+        for j, x in enumerate(results):
+            x["images_per_s_per_device"] = [rr[j] for rr in per_rank]
+            x["images_per_s"] = sum(x["images_per_s_per_device"])  # total over devices
+            x["mfu"] = x["flops_per_image"] * x["images_per_s"] / world / peak_flops
+            x["tflops_per_s"] = x["flops_per_image"] * x["images_per_s"] / world / 1e12  # per device
+    ref = next((x for x in results if x["variant"] == "reference"), None)
+    for x in results:
+        x["speedup_vs_reference"] = (x["images_per_s"] / ref["images_per_s"]) if ref else None
+
     doc = benchutil.provenance(argv, device)
-    doc["config"] = dict(asdict(cfg), device=str(device), dtype=cfg.resolved_dtype())
+    doc["config"] = dict(asdict(cfg), device=str(device), dtype=cfg.resolved_dtype(), variants=names,
+                         compile=cfg.resolved_compile(), world_size=world,
+                         img_size=cfg.img_size or dims.img_h, patch_size=cfg.patch_size or dims.patch_size)
+    doc["peak_flops_per_s"] = peak_flops
+    doc["peak_source"] = peak_source
+    doc["notes"] = {
+        "timing": "steps of all variants interleaved round by round after per-variant warm-up; median, p20, p80",
+        "flops": "analytic matmul FLOPs per image (mae_fast.flops), training = 3x forward",
+        "mfu": "flops_per_image * images_per_s (per device) / peak_flops_per_s",
+        "peak_mem": "CUDA only (null on CPU): per variant, the allocator peak during its steps minus the other variants' resident memory",
+        "compile": "torch.compile(model) in the default mode; the optimizer step is not compiled",
+        "mask_ratio_0": "loss over all patches (the reference's masked mean is 0/0 there)",
+        "images_per_s": "total over all devices under DDP (per-device values in images_per_s_per_device)",
+    }
+    if skipped:
+        doc["skipped_variants"] = skipped
     doc["results"] = results
     return doc
 
 
-TABLE_COLUMNS = ["variant", "images_per_s", "step_ms_median", "step_ms_p20", "step_ms_p80", "peak_mem_MiB", "speedup"]
+def _rate(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.1f} GFLOP/s"
+
+
+TABLE_COLUMNS = ["variant", "images_per_s", "step_ms_median", "step_ms_p20", "step_ms_p80", "peak_mem_MiB",
+                 "GFLOP_per_img", "TFLOP_per_s", "mfu", "speedup"]
 
 
 def format_results(doc: dict) -> str:
@@ -180,9 +483,17 @@ def format_results(doc: dict) -> str:
         rows.append(dict(
             r,
             peak_mem_MiB="-" if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20,
+            GFLOP_per_img=r["flops_per_image"] / 1e9,
+            TFLOP_per_s=r["tflops_per_s"],
             speedup="-" if r["speedup_vs_reference"] is None else r["speedup_vs_reference"],
         ))
     c = doc["config"]
-    head = (f"{c['model']}  batch {c['batch_size']}  mask ratio {c['mask_ratio']}  {c['dtype']}  "
-            f"on {doc['device']}  ({c['steps']} timed steps after {c['warmup']} warm-up)")
-    return head + "\n" + benchutil.format_table(rows, TABLE_COLUMNS)
+    head = (f"{c['model']}  {c['img_size']}px/p{c['patch_size']}  batch {c['batch_size']}  mask ratio "
+            f"{c['mask_ratio']}  {c['dtype']}  on {doc['device']}"
+            + (f" x{c['world_size']} (DDP; images/s is the total)" if c.get("world_size", 1) > 1 else "")
+            + f"  ({c['steps']} timed steps each, interleaved, after {c['warmup']} warm-up)")
+    lines = [head, benchutil.format_table(rows, TABLE_COLUMNS),
+             f"mfu against {_rate(doc['peak_flops_per_s'])} ({doc['peak_source']})"]
+    for v, why in doc.get("skipped_variants", {}).items():
+        lines.append(f"skipped {v}: {why}")
+    return "\n".join(lines)
