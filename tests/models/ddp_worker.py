@@ -4,6 +4,7 @@ Under torchrun (2 processes, gloo): DDP over the fast model, each rank on its ha
 With --single: one process on the whole batch. Same init, same batches, same masks (explicit noise).
 Saves the initial and final state dicts to $MAE_FAST_DDP_OUT/{ddp,single}.pt.
 """
+import datetime
 import os
 import sys
 
@@ -26,7 +27,7 @@ def main() -> None:
     rank, world = 0, 1
     net = model
     if not single:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # a lost peer fails, not hangs
         rank, world = dist.get_rank(), dist.get_world_size()
         net = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

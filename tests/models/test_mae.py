@@ -288,7 +288,9 @@ def test_ddp_two_processes_match_one(tmp_path):
     """Two gloo processes, each on half the batch, train to the same weights as one on the whole batch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MAE_FAST_DDP_OUT"] = str(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    env["OMP_NUM_THREADS"] = "1"  # one core per process
+    # --standalone: a free rendezvous port per run (a fixed port hangs when two runs overlap)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            os.path.join(HERE, "ddp_worker.py")]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
