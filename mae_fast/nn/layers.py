@@ -176,7 +176,7 @@ class PatchEmbed(nn.Module):
         self.check_input(imgs)
         patches = gather_patches(imgs, ids_keep, self.patch_size[0])  # [N, K, C*p*p] in (C, p, p) order
         weight = self.proj.weight.flatten(1)  # [D, C*p*p]
-        if patches.dtype != weight.dtype and not torch.is_autocast_enabled():
+        if patches.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
             raise TypeError(f"imgs dtype {imgs.dtype} differs from the patch embedding weight dtype {weight.dtype}")
         return self.norm(F.linear(patches, weight, self.proj.bias))  # [N, K, D]
 

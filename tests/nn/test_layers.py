@@ -145,6 +145,10 @@ def test_patch_embed_visible_only_is_exact():
     got = pe.float().forward_visible(imgs, ids_keep)  # fp32: gathered pixels times the conv weight
     assert got.dtype == torch.float32 and got.shape == (3, 5, 40)
     assert rel_err(got, expected) < 1e-6
+    with pytest.raises(TypeError, match="differs from the patch embedding weight dtype"):
+        pe.forward_visible(imgs.bfloat16(), ids_keep)  # bf16 images, fp32 weights, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under CPU autocast the mix is fine
+        assert rel_err(pe.forward_visible(imgs.bfloat16(), ids_keep), expected) < 2e-2
 
 
 def test_block_compiles_fullgraph_cpu():
