@@ -181,12 +181,8 @@ def test_bench_fast_variant_missing_is_a_clear_error(monkeypatch, capsys):
     assert set(doc["skipped_variants"]) == {"mae_fast"}
 
 
-@pytest.mark.skipif(not benchmark.fast_available(), reason="mae_fast.models does not import yet")
 def test_bench_real_fast_model(tmp_path):
-    import mae_fast.ops
-
-    if not all(hasattr(mae_fast.ops, n) for n in ("norm_pix_loss", "gather_patches", "unshuffle_tokens")):
-        pytest.skip("mae_fast.ops does not export every op the fast model uses yet")
+    assert benchmark.fast_available()  # mae_fast.models imports: a broken fast model fails here, never skips
     out = tmp_path / "b.json"
     assert cli.main(["bench", *TINY, "--variants", "reference,mae_fast", "--json", str(out), "--peak-tflops", "1"]) == 0
     ref, fast = json.loads(out.read_text())["results"]
