@@ -212,7 +212,8 @@ def format_results(doc: dict) -> str:
 
 def plot(doc: dict, path: str) -> None:
     """PNG: speedup over the unmasked reference step against the mask ratio, one curve per patch size
-    (solid: mae_fast, dashed: reference), with the ideal encoder-only curve 1/(1 - ratio)."""
+    (solid: mae_fast, dashed: reference), with the ideal encoder-only curve 1/(1 - ratio). With theory
+    rows, a second panel: measured speedup against the predicted spatial scale, point by point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +222,11 @@ def plot(doc: dict, path: str) -> None:
     rows = [x for x in doc["results"] if x.get("speedup_vs_ratio0") is not None]
     patches = sorted({x["patch_size"] for x in rows})
     ratios = sorted({x["mask_ratio"] for x in doc["results"]})
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    theory = [x for x in rows if x.get("predicted_mean_distance_px") is not None]
+    if theory:  # cost against what is learned: a second panel
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = {"reference": "--", "reference+compile": ":", "mae_fast": "-", "mae_fast+compile": "-."}
     for i, p in enumerate(patches):
@@ -239,6 +244,23 @@ def plot(doc: dict, path: str) -> None:
     ax.set_title(f"{c['model']} {c['img_size']}px, batch {c['batch_size']}, {c['dtype']}, {doc['device']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    if theory:
+        fast = "mae_fast" if any(x["variant"] == "mae_fast" for x in theory) else theory[0]["variant"]
+        for i, p in enumerate(patches):
+            pts = sorted((x["predicted_mean_distance_px"], x["speedup_vs_ratio0"], x["mask_ratio"])
+                         for x in theory if x["patch_size"] == p and x["variant"] == fast)
+            if pts:
+                ax2.plot([a for a, _, _ in pts], [b for _, b, _ in pts], "-", marker="o", ms=4,
+                         color=colors[i % len(colors)], label=f"p={p}")
+                for a, b, r in pts:
+                    ax2.annotate(f"{r:g}", (a, b), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("predicted spatial scale: mean distance (px), linear MAE")
+        ax2.set_ylabel(f"speedup over the unmasked reference step ({fast})")
+        ax2.set_title(f"cost against what is learned (labels: mask ratio; images: {doc['theory']['images']})",
+                      fontsize=9)
+        ax2.grid(True, which="both", alpha=0.3)
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mae_fast import benchmark, cli
+from mae_fast import benchmark, cli, sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,7 +35,14 @@ def test_sweep_tiny_cpu(tmp_path, monkeypatch):
     assert data[:8] == PNG_MAGIC and len(data) > 2000
     import matplotlib.image
 
-    assert matplotlib.image.imread(str(png)).ndim == 3
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3
+    assert img.shape[1] > 1.5 * img.shape[0]  # two panels: the second is speedup against the predicted scale
+    no_theory = tmp_path / "no_theory.png"
+    sweep.plot({**doc, "results": [{k: v for k, v in r.items() if not k.startswith("predicted_")}
+                                   for r in doc["results"]]}, str(no_theory))
+    single = matplotlib.image.imread(str(no_theory))
+    assert single.shape[1] < 1.5 * single.shape[0]  # one panel without theory rows
 
 
 def test_sweep_failing_variant_is_recorded(tmp_path, monkeypatch):
