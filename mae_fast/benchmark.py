@@ -264,6 +264,17 @@ def _dist_setup(device: torch.device) -> bool:
     return True
 
 
+def finish_distributed() -> None:
+    """End the process group :func:`run` started: all ranks wait for each other (rank 0 writes the
+    files first), then tear down together. A rank that leaves early can hang the others in gloo's
+    teardown (seen with two CPU processes)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _rank() -> int:
     import torch.distributed as dist
 

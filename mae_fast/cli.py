@@ -255,10 +255,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except benchmark.VariantUnavailable as e:
         _fail("bench", str(e))
     _emit(doc, benchmark.format_results(doc), args, benchmark._rank() == 0)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    benchmark.finish_distributed()  # under torchrun: wait for rank 0's files, then tear down together
     return 0
 
 

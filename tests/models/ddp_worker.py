@@ -40,10 +40,19 @@ def main() -> None:
         loss.backward()  # DDP averages gradients over ranks: the mean over the whole batch
         opt.step()
         opt.zero_grad()
+    if not single:
+        dist.barrier()  # both ranks done training
     if rank == 0:
         torch.save({"init": init, "final": model.state_dict()}, os.path.join(out, "single.pt" if single else "ddp.pt"))
     if not single:
+        # Leave together: a rank whose peer has exited can hang in gloo's native teardown at interpreter
+        # exit (seen in CI: rank 1 idle after main() returned). Barrier, destroy, then exit without the
+        # interpreter's teardown; this is a test worker, its file is already written.
+        dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -292,7 +292,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     # --standalone: a free rendezvous port per run (a fixed port hangs when two runs overlap)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            os.path.join(HERE, "ddp_worker.py")]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)  # ~20 s when healthy
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     single = subprocess.run([sys.executable, os.path.join(HERE, "ddp_worker.py"), "--single"],
                             capture_output=True, text=True, env=env, timeout=600)
