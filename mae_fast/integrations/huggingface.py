@@ -179,8 +179,8 @@ def _fast_decoder_forward(self, hidden_states, ids_restore, interpolate_pos_enco
         return self._mae_fast_original_forward(hidden_states, ids_restore,
                                                interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
     x = self.decoder_embed(hidden_states)  # [N, 1+K, Dd]
-    x = ops.unshuffle_tokens(x, ids_restore, self.mask_token.to(x.dtype),
-                             pos_embed=self.decoder_pos_embed.to(x.dtype), num_prefix=1)  # [N, 1+L, Dd]
+    x = ops.unshuffle_tokens(x, ids_restore, self.mask_token,
+                             pos_embed=self.decoder_pos_embed, num_prefix=1)  # [N, 1+L, Dd]
     for layer in self.decoder_layers:
         out = layer(x)
         x = out[0] if isinstance(out, tuple) else out  # older transformers return tuples

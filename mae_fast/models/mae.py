@@ -77,8 +77,9 @@ class FastMAEMethods:
     def _decode_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Decoder blocks on cls + all L tokens (mask tokens filled in): [N, 1+L, Dd], before decoder_norm."""
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
-        x = ops.unshuffle_tokens(x, ids_restore, self.mask_token.to(x.dtype),
-                                 pos_embed=self.decoder_pos_embed.to(x.dtype), num_prefix=1)  # [N, 1+L, Dd]
+        # fp32 mask token and positions are added in fp32 inside the op, one rounding to x's dtype
+        x = ops.unshuffle_tokens(x, ids_restore, self.mask_token,
+                                 pos_embed=self.decoder_pos_embed, num_prefix=1)  # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         return x

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import gather_patches
 from .attention import BACKENDS, attention
 
 Size2 = Union[int, Tuple[int, int]]
@@ -171,8 +172,6 @@ class PatchEmbed(nn.Module):
 
     def forward_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Embeddings of the patches named by ``ids_keep`` [N, K] only: [N, K, D]."""
-        from ..ops import gather_patches
-
         self.check_input(imgs)
         patches = gather_patches(imgs, ids_keep, self.patch_size[0])  # [N, K, C*p*p] in (C, p, p) order
         weight = self.proj.weight.flatten(1)  # [D, C*p*p]
