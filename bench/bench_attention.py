@@ -3,7 +3,8 @@
 The shapes are the ones an MAE actually runs: encoders on 1+K visible tokens (K = 49 at ratio 0.75
 on a 14x14 grid, head dim 64; ViT-H/14: 1+64 tokens, head dim 80), the decoder on 1+L tokens
 (197 or 257, head dim 32). None of these lengths is a multiple of 128. Every backend is run, the
-ones that cannot run are reported as such. This is what `attn_backend="auto"` is decided from.
+ones that cannot run are reported as such. `attn_backend="auto"` measures the same thing at run time
+(mae_fast.nn.attention.tune); its row shows its own time and, in `auto_choice`, what it picked.
 
     python bench/bench_attention.py [--json PATH] [--small]
 """
@@ -15,7 +16,7 @@ import sys
 import torch
 
 from mae_fast import benchutil
-from mae_fast.nn.attention import BACKENDS, attention
+from mae_fast.nn.attention import BACKENDS, attention, attn_autotune_results
 from mae_fast.testing import rel_err
 
 SHAPES = [  # name, B, H, N, hd
@@ -78,16 +79,21 @@ def main(argv=None) -> int:
             rows.append(row)
         ok = [r for r in rows if r["shape"] == name and r["status"] == "ok" and r["backend"] != "auto"]
         best = min(ok, key=lambda r: r["fwd_bwd_ms"])["backend"] if ok else None
+        tag = f"|B={B}|H={H}|Nq={N}|Nk={N}|hd={hd}|"
+        chosen = [e["backend"] for key, e in attn_autotune_results().items() if tag in key and "fwd+bwd" in key]
         for r in rows:
             if r["shape"] == name:
                 r["fastest_fwd_bwd"] = best
+                if r["backend"] == "auto":
+                    r["auto_choice"] = chosen[0] if chosen else None
 
     doc = benchutil.provenance(["python", *sys.argv], device)
     doc["config"] = {"dtype": args.dtype, "shapes": shapes}
     doc["results"] = rows
     if args.json:
         benchutil.write_json(args.json, doc)
-    cols = ["shape", "N", "hd", "backend", "status", "fwd_ms", "fwd_bwd_ms", "rel_err_out", "rel_err_grad", "fastest_fwd_bwd"]
+    cols = ["shape", "N", "hd", "backend", "status", "fwd_ms", "fwd_bwd_ms", "rel_err_out", "rel_err_grad", "fastest_fwd_bwd",
+            "auto_choice"]
     print(f"attention backends, {args.dtype}, {doc['device']}")
     print(benchutil.format_table(rows, cols))
     return 0
