@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops, reference
+from ..ops._common import check_indices_enabled
 from ..nn import Block, PatchEmbed
 
 
@@ -56,6 +57,11 @@ class FastMAEMethods:
         if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
         self.patch_embed.check_input(imgs)
+        # non-finite pixels would only show up as a NaN loss steps later; say so now where it is free
+        # of a device sync (CPU), or when asked (MAE_FAST_CHECK_INDICES=1 on CUDA)
+        if (imgs.device.type == "cpu" or check_indices_enabled()) and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(imgs).all()):
+                raise ValueError("imgs contains NaN or inf values")
         return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, float(mask_ratio),
                                   device=imgs.device, noise=noise)
 

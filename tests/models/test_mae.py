@@ -207,6 +207,13 @@ def test_bad_inputs():
         fast(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="noise"):
         fast(imgs, 0.75, torch.rand(3, 5))
+    bad = imgs.clone()
+    bad[1, 2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="imgs contains NaN or inf"):
+        fast(bad)
+    bad[1, 2, 5, 7] = float("inf")
+    with pytest.raises(ValueError, match="imgs contains NaN or inf"):
+        fast.forward_train(bad, 0.75)
     with pytest.raises(ValueError, match="unknown model"):
         M.create_model("mae_vit_giant")
 
