@@ -13,9 +13,15 @@ measured in the same run (benchutil.copy_bandwidth: bytes read + written per sec
 Bytes, per row:
   nominal  imgs read once + pred read once + grad written once (the issue's yardstick; for the masked
            row its pred and grad are [N, M, D]); frac_copy = nominal bytes / time / copy bandwidth
-  moved    what the fused kernels really touch: only the counted patches of imgs and pred are read, the
-           saved diff is written and read back for them, the gradient is written in full, the mask is
-           read twice. Skipping uncounted patches is why frac_copy can pass 1.
+  moved    what the fused kernels really touch (moved = moved_fwd + moved_bwd):
+           forward   the counted patches of imgs and of pred are read, the gradient (for grad_output 1)
+                     is written in full, the fp32 mask is read twice (the den pre-pass and the main
+                     kernel; the masked row reads ids_masked instead and needs no pre-pass)
+           backward  nothing at grad_output == 1 (each program reads two scalars and returns); fp16
+                     pred: the buffer is read and written once (unscaled in place)
+           Skipping uncounted patches is why frac_copy can pass 1.
+           N=256, 224x224, p=16, bf16, ratio 0.75: full 193.1 MB fwd + 0 bwd (nominal 231.2 MB; the
+           design that saved the diff moved 308.7 MB); masked 173.7 MB fwd + 0 bwd (nominal 173.4 MB).
 
 GPU:  python bench/bench_loss.py --json bench/results/loss_h200.json      (N=256, 224x224, p=16, bf16)
 CPU:  python bench/bench_loss.py --small
@@ -74,6 +80,20 @@ def make_inputs(args, device):
     ids_masked = ids_shuffle[:, k:].contiguous()  # [N, M]
     pred_m = pred.gather(1, ids_masked[:, :, None].expand(-1, -1, d)).contiguous()  # [N, M, D]
     return imgs, pred.requires_grad_(True), mask, ids_masked, pred_m.requires_grad_(True)
+
+
+def moved_bytes(impl, img_bytes, pred_bytes, mask_bytes, ids_bytes, counted, masked_fraction, dtype):
+    """(forward, backward) bytes the fused kernels touch for one loss + grad at grad_output 1 (see above).
+
+    ``pred_bytes``: the row's pred (= grad) bytes; ``counted``: fraction of patches with mask != 0;
+    ``masked_fraction``: M / L. NaN for the reference rows (not modelled).
+    """
+    bwd = 2 * pred_bytes if dtype == torch.float16 else 0.0  # fp16: the prescaled buffer is unscaled in place
+    if impl == "mae_fast full":
+        return counted * (img_bytes + pred_bytes) + pred_bytes + 2 * mask_bytes, bwd
+    if impl == "mae_fast masked":
+        return img_bytes * masked_fraction + 2 * pred_bytes + ids_bytes, bwd
+    return float("nan"), float("nan")
 
 
 def graphed(run, device):
@@ -137,12 +157,9 @@ def main(argv=None):
         t = benchutil.time_fn(run, rep_ms=args.rep_ms, device=device)
         xb = x.numel() * esize
         nominal = img_bytes * (M / L if x is pred_m else 1.0) + 2 * xb
-        if name == "mae_fast full":
-            moved = counted * (img_bytes + 3 * xb) + xb + 2 * mask_bytes
-        elif name == "mae_fast masked":
-            moved = img_bytes * M / L + 4 * xb + ids.numel() * ids.element_size()
-        else:
-            moved = float("nan")
+        moved_fwd, moved_bwd = moved_bytes(name, img_bytes, xb, mask_bytes, ids.numel() * ids.element_size(),
+                                           counted, M / L, pred.dtype)
+        moved = moved_fwd + moved_bwd
         sec = t["median_ms"] * 1e-3
         extra = {}
         if device.type == "cuda" and not args.no_graph:
@@ -157,7 +174,8 @@ def main(argv=None):
             "impl": name,
             "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
             "nominal_MB": nominal / 1e6, "frac_copy": nominal / sec / bw,
-            "moved_MB": moved / 1e6, "frac_copy_moved": moved / sec / bw,
+            "moved_MB": moved / 1e6, "moved_fwd_MB": moved_fwd / 1e6, "moved_bwd_MB": moved_bwd / 1e6,
+            "frac_copy_moved": moved / sec / bw,
             "loss": float(loss), "loss_rel_err": abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
             "grad_rel_err": float((g.float() - ref_grad).norm() / ref_grad.norm()),
             **extra,

@@ -1,22 +1,38 @@
 """Triton kernels of the fused normalized-pixel loss (see ``mae_fast.ops.loss``).
 
-Rows: one row per predicted patch (``N * Lp`` rows, ``Lp`` = L for the full form, M for the
-masked-only form). A program handles ``ITERS`` blocks of ``BLOCK_P`` rows. A row's target is read
-straight from ``imgs [N, C, H, W]`` (strided, no patchified copy) as a tile [pixels, channels]
-(pixel = row in patch * P + column in patch), which is the patchify order (row, column, channel) of
-the pred row; P*P and C are padded to powers of two (p=14: 196 -> 256 pixels) and masked.
+Rows: one row per predicted patch (``R = N * Lp`` rows, ``Lp`` = L for the full form, M for the
+masked-only form). A program of ``_fwd_kernel`` handles ``ITERS`` blocks of ``BLOCK_P`` rows. A row's
+target is read straight from ``imgs [N, C, H, W]`` (strided, no patchified copy) as a tile
+[pixels, channels] (pixel = row in patch * P + column in patch), which is the patchify order (row,
+column, channel) of the pred row; P*P and C are padded to powers of two (p=14: 196 -> 256 pixels) and
+masked.
+
+The forward writes the final gradient, so that backward has nothing to do when grad_output == 1.
+That needs the denominator before the main kernel:
+    den = sum(weight [N, L])  ``_den_kernel``: one program, fixed order, reads only the fp32 weight
+                              (full form); masked-only form: den = N * M = R, no kernel.
 
 Forward (``_fwd_kernel``), per row with weight w (the mask value; 1 in the masked-only form):
     t          target patch [D] in fp32
     tn         (t - mean) / sqrt(var_unbiased + eps)      (or t when NORM is off; two-pass statistics)
-    diff       pred - tn                                   -> stored in pred's dtype (kept for backward)
+    diff       pred - tn                                   (fp32, never stored)
     row_loss   mean(diff ** 2)
-Rows with w == 0 are neither read nor written (their loss term is 0; backward fills their gradient).
-Each program writes two fp32 partial sums (sum w * row_loss, sum w); ``_finish_kernel`` (one
-program) adds them in a fixed order: loss = sum / den. No float atomics: the result is deterministic.
+    grad1      2 * w * diff / (D * den)   for w != 0;   w / den (0, or NaN where den == 0) for w == 0
+    gbuf       grad1 * s, stored once in pred's dtype for every row (s = 1 except fp16, below)
+Rows with w == 0 are not read (their loss term is 0); their gradient row is written. Each program
+writes one fp32 partial sum (sum w * row_loss); ``_finish_kernel`` (one program) adds them in a fixed
+order: loss = sum / den. No float atomics anywhere: the result is deterministic.
 
-Backward (``_bwd_kernel``): grad = diff * (2 * grad_output * w / (D * den)) for rows with w != 0 and
-grad_output * w / den (0, or NaN exactly where the reference gives NaN) elsewhere.
+fp16 (``PRESCALE``): grad1 is of the order 1 / (D * den) (about 1e-7 at N=256, p=16), below fp16's
+smallest normal (6.1e-5): stored as is it would keep 1 to 3 significant bits, and a GradScaler's
+grad_output of 65536 would scale that noise. fp16 buffers therefore hold grad1 * s with s a power of
+two near D * den / 8 (values of the order of diff, as the old saved diff), and ``_finish_kernel`` writes
+``unscale`` = 1 / s (exact); ``unscale`` is 1 for fp32 and bf16.
+
+Backward (``_scale_kernel``): grad_pred = gbuf * (grad_output * unscale), computed in fp32. In place
+(eager path) every program loads the two scalars and returns at once when the factor is exactly 1
+(grad_output == 1 in fp32/bf16): no bytes move, no host sync. Out of place (the registered op) it
+always writes a new tensor.
 """
 from __future__ import annotations
 
@@ -25,8 +41,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _pow2_scale(den, D: tl.constexpr):
+    """s for fp16 buffers: the power of two in (D*den/8, D*den/4], or 1 where D*den/4 < 1 or not finite."""
+    x = (den * (D * 0.25)).to(tl.float32)
+    p2 = (x.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # exponent bits only
+    return tl.where((x >= 1.0) & (x < 1e30), p2, 1.0)
+
+
+@triton.jit
+def _den_kernel(w_ptr, den_ptr, T, BLOCK: tl.constexpr):
+    """den = sum(w[0:T]) in fp32, one program, a fixed order (lane-wise sums, then one tree)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, T, BLOCK):
+        ok = start + offs < T
+        acc += tl.load(w_ptr + start + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(den_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
 def _fwd_kernel(
-    pred_ptr, imgs_ptr, w_ptr, ids_ptr, diff_ptr, part_ptr,
+    pred_ptr, imgs_ptr, w_ptr, ids_ptr, den_ptr, grad_ptr, part_ptr,
     R, LP, L, GW,
     sp_n, sp_l, sp_d,
     si_n, si_c, si_h, si_w,
@@ -35,6 +70,7 @@ def _fwd_kernel(
     P: tl.constexpr, C: tl.constexpr, PP_PAD: tl.constexpr, C_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, ITERS: tl.constexpr,
     HAS_W: tl.constexpr, HAS_IDS: tl.constexpr, NORM: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, PRESCALE: tl.constexpr,
 ):
     # tile [BLOCK_P rows, PP_PAD pixels (row in patch, column in patch), C_PAD channels]: the pred
     # offsets (pixel * C + channel) and the image offsets (channel plane, pixel row, pixel column) are
@@ -47,8 +83,11 @@ def _fwd_kernel(
     d64 = (q * C).to(tl.int64)[:, None] + ch.to(tl.int64)[None, :]  # position in the patch vector
     img_lane = ((q // P).to(tl.int64) * si_h + (q % P).to(tl.int64) * si_w)[:, None] \
         + ch.to(tl.int64)[None, :] * si_c  # [PP_PAD, C_PAD]
+    if HAS_W:
+        den = tl.load(den_ptr).to(tl.float32)  # sum(weight) from _den_kernel
+    else:
+        den = tl.zeros([], dtype=tl.float32) + R  # masked-only form: N * M rows of weight 1
     acc_loss = tl.zeros([BLOCK_P], dtype=tl.float32)
-    acc_w = tl.zeros([BLOCK_P], dtype=tl.float32)
     for it in range(ITERS):
         rows = (pid * ITERS + it).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)  # [BLOCK_P]
         row_ok = rows < R
@@ -79,57 +118,57 @@ def _fwd_kernel(
             tn = tc * rstd[:, None, None]
         else:
             tn = t
-        diff = tl.where(ok, x - tn, 0.0)
+        diff = tl.where(ok, x - tn, 0.0)  # [BLOCK_P, PP_PAD, C_PAD]
         row_loss = tl.sum(tl.sum(diff * diff, axis=2), axis=1) / D  # [BLOCK_P]
-        tl.store(diff_ptr + (rows * D)[:, None, None] + d64[None, :, :], diff.to(diff_ptr.dtype.element_ty), mask=ok)
+        if WRITE_GRAD:
+            coef = w / den  # [BLOCK_P]; 0 (NaN where den == 0) for w == 0 rows
+            g = tl.where(active[:, None, None], diff * (coef * (2.0 / D))[:, None, None], coef[:, None, None])
+            if PRESCALE:
+                g = g * _pow2_scale(den, D)  # exact: a power of two
+            out_ok = row_ok[:, None, None] & lane_ok[None, :, :]  # every row, counted or not
+            tl.store(grad_ptr + (rows * D)[:, None, None] + d64[None, :, :], g.to(grad_ptr.dtype.element_ty),
+                     mask=out_ok)
         acc_loss += tl.where(active, row_loss * w, 0.0)
-        acc_w += tl.where(row_ok, w, 0.0)
-    tl.store(part_ptr + pid * 2, tl.sum(acc_loss, axis=0))
-    tl.store(part_ptr + pid * 2 + 1, tl.sum(acc_w, axis=0))
+    tl.store(part_ptr + pid, tl.sum(acc_loss, axis=0))
 
 
 @triton.jit
-def _finish_kernel(part_ptr, loss_ptr, den_ptr, G, BLOCK: tl.constexpr):
-    """loss = sum(loss partials) / sum(weight partials), den = sum(weight partials)."""
+def _finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
+                   D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, PRESCALE: tl.constexpr):
+    """loss = sum(loss partials) / den; unscale = 1 / s (1 unless PRESCALE)."""
     offs = tl.arange(0, BLOCK)
     acc_loss = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, G, BLOCK):
         ok = start + offs < G
-        acc_loss += tl.load(part_ptr + (start + offs) * 2, mask=ok, other=0.0)
-        acc_w += tl.load(part_ptr + (start + offs) * 2 + 1, mask=ok, other=0.0)
+        acc_loss += tl.load(part_ptr + start + offs, mask=ok, other=0.0)
     total = tl.sum(acc_loss, axis=0)
-    den = tl.sum(acc_w, axis=0)
+    if HAS_W:
+        den = tl.load(den_ptr).to(tl.float32)
+    else:
+        den = tl.zeros([], dtype=tl.float32) + R
     tl.store(loss_ptr, total / den)
-    tl.store(den_ptr, den)
+    if PRESCALE:
+        tl.store(unscale_ptr, 1.0 / _pow2_scale(den, D))
+    else:
+        tl.store(unscale_ptr, tl.full([], 1.0, tl.float32))
 
 
 @triton.jit
-def _bwd_kernel(
-    diff_ptr, w_ptr, den_ptr, go_ptr, out_ptr,
-    R, LP, L, two_over_d,
-    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, ITERS: tl.constexpr,
-    HAS_W: tl.constexpr,
-):
+def _scale_kernel(src_ptr, go_ptr, unscale_ptr, out_ptr, T,
+                  BLOCK: tl.constexpr, ITERS: tl.constexpr, IN_PLACE: tl.constexpr):
+    """out = src * (grad_output * unscale) over T values; in place: nothing at all when the factor is 1."""
     pid = tl.program_id(0)
-    d64 = tl.arange(0, D_PAD).to(tl.int64)  # [D_PAD]
-    d_ok = d64 < D
-    go = tl.load(go_ptr).to(tl.float32)
-    den = tl.load(den_ptr).to(tl.float32)
+    factor = tl.load(go_ptr).to(tl.float32) * tl.load(unscale_ptr).to(tl.float32)
+    if IN_PLACE:
+        if factor == 1.0:
+            return
+    base = pid.to(tl.int64) * (BLOCK * ITERS)
+    offs = tl.arange(0, BLOCK).to(tl.int64)  # [BLOCK]
     for it in range(ITERS):
-        rows = (pid * ITERS + it).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)  # [BLOCK_P]
-        row_ok = rows < R
-        if HAS_W:
-            w = tl.load(w_ptr + (rows // LP) * L + rows % LP, mask=row_ok, other=0.0).to(tl.float32)
-        else:
-            w = tl.where(row_ok, 1.0, 0.0)
-        coef = go * w / den  # [BLOCK_P]
-        active = row_ok & (w != 0.0)
-        offs = rows[:, None] * D + d64[None, :]  # [BLOCK_P, D_PAD]
-        s = tl.load(diff_ptr + offs, mask=active[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        scale = (coef * two_over_d).to(tl.float32)  # two_over_d may come in as fp64 (inductor)
-        g = tl.where(active[:, None], s * scale[:, None], coef[:, None])
-        tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        idx = base + it * BLOCK + offs
+        ok = idx < T
+        v = tl.load(src_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + idx, (v * factor).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows_per_program(R: int, block_p: int, max_programs: int):
@@ -142,8 +181,10 @@ def _rows_per_program(R: int, block_p: int, max_programs: int):
 def fwd_config(R: int, P: int, C: int, tile: int = 1024, max_programs: int = 1 << 16):
     """(PP_PAD, C_PAD, BLOCK_P, ITERS, num_warps, grid) of ``_fwd_kernel`` over R patches.
 
-    Measured on an H200 (N=256, 224x224, bf16, p=16 and 14): one patch per program with a single warp
-    was fastest (67 us vs 75 us for two patches and two warps, 79-118 us for a flat image-order tile).
+    Measured on an H200 (N=256, 224x224, bf16, p=16 and 14) with the kernel that stored the diff of
+    counted rows: one patch per program with a single warp was fastest (67 us vs 75 us for two patches
+    and two warps, 79-118 us for a flat image-order tile). Not re-measured since the kernel writes the
+    gradient of every row.
     """
     pp_pad, c_pad = triton.next_power_of_2(P * P), triton.next_power_of_2(C)
     block_p = max(1, min(16, tile // (pp_pad * c_pad)))
@@ -152,17 +193,23 @@ def fwd_config(R: int, P: int, C: int, tile: int = 1024, max_programs: int = 1 <
     return pp_pad, c_pad, block_p, iters, num_warps, grid
 
 
-def bwd_config(R: int, D: int, tile: int = 4096, max_programs: int = 1 << 14):
-    """(D_PAD, BLOCK_P, ITERS, num_warps, grid) of the backward over R rows of D values."""
-    d_pad = triton.next_power_of_2(D)
-    block_p = max(1, min(16, tile // d_pad))
-    size = block_p * d_pad
-    num_warps = 4 if size <= 2048 else (8 if size <= 8192 else 16)
-    iters, grid = _rows_per_program(R, block_p, max_programs)
-    return d_pad, block_p, iters, num_warps, grid
+def den_config(T: int):
+    """(BLOCK, num_warps) of ``_den_kernel`` over T weights (N=256, L=196: 4 loop steps of 16384)."""
+    block = min(16384, max(128, triton.next_power_of_2(T)))
+    return block, (4 if block <= 2048 else (8 if block <= 8192 else 16))
+
+
+def scale_config(T: int, block: int = 4096, max_programs: int = 2048):
+    """(BLOCK, ITERS, num_warps, grid) of ``_scale_kernel`` over T values.
+
+    Few programs (up to ITERS = 8 blocks each) keep the launch of the in-place early exit short.
+    """
+    block = min(block, max(128, triton.next_power_of_2(T)))
+    iters, grid = _rows_per_program(T, block, max_programs)
+    return block, iters, (4 if block <= 2048 else 8), grid
 
 
 def finish_config(G: int):
-    """(BLOCK, num_warps) of the finishing reduction over G partial pairs."""
+    """(BLOCK, num_warps) of the finishing reduction over G partial sums."""
     block = min(8192, max(128, triton.next_power_of_2(G)))
     return block, (4 if block <= 1024 else 8)

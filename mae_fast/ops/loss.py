@@ -12,28 +12,49 @@ Two forms:
   ``mask`` may then be None; if a mask is given it must have shape [N, L] and its values are not read
   (with checks on they are compared with ``ids_masked``: 1 at every named patch, M ones per sample).
 
-Gradient memory: the forward stores ``diff = pred - target_normalized`` (pred's shape and dtype) for the
-counted patches and keeps it from forward to backward (one pred-sized buffer per call that is alive until
-backward runs or the graph is freed). Backward only scales it: grad_pred = diff * 2 * grad_output * w /
-(D * sum(mask)); nothing is recomputed and no user tensor is modified.
+Gradient: the forward computes the final gradient for grad_output == 1,
+grad1 = 2 * w * (pred - target_normalized) / (D * sum(mask)) (w / sum(mask) for rows with w == 0: 0, or NaN
+where sum(mask) == 0), and writes it once into a pred-shaped buffer in pred's dtype. sum(mask) comes from a
+small deterministic pre-pass over the fp32 mask (full form) or is N * M (masked-only form). Backward then
+costs nothing when grad_output == 1 (the usual ``loss.backward()``) and one in-place pass otherwise:
+grad_pred = buffer * grad_output. On the Triton path the buffer is the only pred-sized memory of the op;
+it is alive from forward to backward (or until the graph is freed) and then becomes grad_pred. Nothing is
+recomputed and no user tensor is modified.
+- Eager (CUDA, and CPU too): the backward scales the buffer in place, on the device (no host sync; when
+  grad_output == 1 every program returns at once), returns it as grad_pred and keeps no reference to it.
+  A second backward through the same graph (``retain_graph=True``) therefore raises RuntimeError: compute
+  the loss again for each backward. Without a gradient to compute (``torch.no_grad()`` or a pred that does
+  not require grad) no buffer is written at all.
+- torch.compile (and ``_EAGER_FAST_PATH = False``) goes through the registered ops, which are functional:
+  backward returns a new tensor buffer * grad_output and a second backward works.
+- fp16 pred: grad1 (of the order 1 / (D * sum(mask)), about 1e-7 at N=256, p=16) lies below fp16's
+  normal range, so the buffer holds grad1 times a power of two and backward multiplies by grad_output
+  over that power of two, always (one in-place pass even at grad_output == 1). This keeps a GradScaler's
+  scaled gradients accurate.
 
 Dispatch: CUDA (or CPU under ``TRITON_INTERPRET=1``) runs the Triton kernels of
 ``mae_fast.kernels.norm_pix_loss``; CPU runs the plain torch path below. The kernels are registered as
 ``mae_fast::norm_pix_loss_fwd`` / ``mae_fast::norm_pix_loss_bwd`` (triton_op + register_autograd), which is
-what torch.compile traces; eager calls launch the same kernels from a plain autograd.Function, because the
-custom-op dispatch cost several times the kernels' own time on the host (see ``_EagerNormPixLoss``).
+what torch.compile traces; eager calls run the same kernels (or the torch path) from a plain
+autograd.Function, because the custom-op dispatch cost several times the kernels' own time on the host
+(see ``_EagerNormPixLoss``). The torch path works in place on its own fp32 copy of the targets.
 
 Semantics beyond the reference, all documented choices:
-- Patches with mask 0 are not read at all (4x fewer bytes at 75% masking). The reference's 0 * NaN would
-  let a NaN/inf in an uncounted patch of pred or imgs turn the loss into NaN; here it does not.
+- Patches with mask 0 are not read at all (a quarter of imgs and pred at 75% masking); their gradient
+  rows are written (zeros). The reference's 0 * NaN would let a NaN/inf in an uncounted patch of pred or
+  imgs turn the loss into NaN; here it does not.
 - The loss is returned in float32 for every input dtype (statistics and accumulation are fp32).
-- In bf16/fp16 the gradient is rounded twice (the kept diff to pred's dtype, then the scaled result):
-  at most about one ulp more than a single rounding.
+- Rounding: in bf16 the gradient is rounded once to pred's dtype at grad_output == 1. For other
+  grad_output values, and always in fp16, it is rounded twice (the buffer, then the scaled result): at
+  most about one ulp more than a single rounding (with a power-of-two grad_output, as a GradScaler's,
+  the second rounding is exact unless the result is subnormal).
 - ``pred`` and ``imgs`` may have different float dtypes (bf16 pred with fp32 imgs under autocast).
 - Gradients flow to ``pred`` only; ``imgs`` and ``mask`` are constants.
-- Checks that need a device sync (empty mask, ``ids_masked`` range, mask/ids agreement) run on CPU
-  always and on CUDA when ``check=True`` or ``MAE_FAST_CHECK_INDICES=1``; they are skipped while
-  torch.compile traces. An unchecked empty mask gives a NaN loss, as in the reference.
+- Checks that need a device sync (empty mask, ``ids_masked`` range, mask/ids agreement, and a NaN or
+  an infinity in a counted patch of ``imgs``) run on CPU always and on CUDA when ``check=True`` or
+  ``MAE_FAST_CHECK_INDICES=1``; they are skipped while torch.compile traces. They raise ValueError naming
+  the argument. Unchecked, an empty mask gives a NaN loss (as in the reference) and a non-finite counted
+  patch of imgs a non-finite loss and gradient. Uncounted patches are not checked (they are not read).
 """
 from __future__ import annotations
 
@@ -68,35 +89,53 @@ def _patch_targets(imgs: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(n, (h // p) * (w // p), p * p * c)  # [N, L, D]
 
 
-def _fwd_torch(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float):
-    """(loss fp32 [], diff [N, Lp, D] pred dtype, den fp32 [])."""
-    target = _patch_targets(imgs, p)  # [N, L, D]
+def _pow2_scale_torch(den: torch.Tensor, d: int) -> torch.Tensor:
+    """The fp16 prescale s of the kernels (``_pow2_scale``): a power of two in (D*den/8, D*den/4], else 1."""
+    x = den.float().reshape(()) * (d * 0.25)
+    p2 = (x.view(torch.int32) & 0x7F800000).view(torch.float32)  # exponent bits only
+    return torch.where((x >= 1.0) & (x < 1e30), p2, 1.0)
+
+
+def _fwd_torch(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, write_grad: bool = True):
+    """(loss fp32 [], gbuf [N, Lp, D] in pred's dtype or None, unscale fp32 []): see the module docstring.
+
+    Works in place on its own fp32 target copy: patchify (one copy), statistics, normalise, diff and
+    gradient reuse that one buffer.
+    """
     n, lp, d = pred.shape
+    t = _patch_targets(imgs, p)  # [N, L, D] fp32
     if ids is not None:
-        target = target.gather(1, ids.long()[:, :, None].expand(n, lp, d))  # [N, M, D]
+        t = t.gather(1, ids.long()[:, :, None].expand(n, lp, d))  # [N, M, D], a new tensor
         w = torch.ones(n, lp, dtype=torch.float32, device=pred.device)  # [N, M]
+        den = torch.full((), float(n * lp), dtype=torch.float32, device=pred.device)  # N * M, no reduction
     else:
         w = weight.float()  # [N, L]
+        den = w.sum()
+    if t._is_view():
+        t = t.clone()  # patchify was a view (of imgs, e.g. one patch per image): never write to the user's tensor
     if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)  # [N, Lp, 1]
-        var = target.var(dim=-1, keepdim=True)  # unbiased, [N, Lp, 1]
-        target = (target - mean) / torch.sqrt(var + eps)  # [N, Lp, D]
+        var, mean = torch.var_mean(t, dim=-1, keepdim=True)  # unbiased, [N, Lp, 1]
+        t.sub_(mean).mul_(torch.rsqrt(var + eps))  # normalized target
+    diff = t.neg_().add_(pred)  # pred - target, fp32, in the same buffer
     active = w != 0  # [N, Lp]
-    diff = torch.where(active[:, :, None], pred.float() - target, 0.0)  # [N, Lp, D]
-    row = (diff * diff).mean(dim=-1)  # [N, Lp]
-    den = w.sum()
+    row = torch.linalg.vecdot(diff, diff) / d  # [N, Lp]
     loss = torch.where(active, row * w, 0.0).sum() / den
-    return loss, diff.to(pred.dtype), den
+    unscale = torch.ones((), dtype=torch.float32, device=pred.device)
+    if not write_grad:
+        return loss, None, unscale
+    grad1 = diff.mul_((w * (2.0 / d) / den)[:, :, None])  # 2 * w * diff / (D * den)
+    if ids is None:  # rows with w == 0: w / den (0, or NaN where den == 0), whatever pred/imgs hold there
+        grad1.masked_fill_(~active[:, :, None], torch.zeros((), device=den.device) / den)
+    if pred.dtype == torch.float16:
+        s = _pow2_scale_torch(den, d)
+        grad1.mul_(s)
+        unscale = 1.0 / s
+    return loss, grad1.to(pred.dtype), unscale
 
 
-def _bwd_torch(diff, weight, den, grad_loss):
-    """grad_pred [N, Lp, D] from the saved diff (see the module docstring)."""
-    n, lp, d = diff.shape
-    w = weight.float() if weight is not None else torch.ones(n, lp, device=diff.device)  # [N, Lp]
-    coef = grad_loss.float() * w / den  # [N, Lp]
-    active = (w != 0)[:, :, None]  # [N, Lp, 1]
-    grad = torch.where(active, diff.float() * (coef * (2.0 / d))[:, :, None], coef[:, :, None])  # [N, Lp, D]
-    return grad.to(diff.dtype)
+def _bwd_torch(gbuf, unscale, grad_loss):
+    """grad_pred [N, Lp, D] = gbuf * (grad_loss * unscale) in fp32, a new tensor in gbuf's dtype."""
+    return (gbuf.float() * (grad_loss.float() * unscale.float())).to(gbuf.dtype)
 
 
 def norm_pix_loss_torch(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6, ids_masked=None):
@@ -112,50 +151,56 @@ def _kernel(fn, wrap: bool):
     return torch.library.wrap_triton(fn) if wrap else fn
 
 
-def _fwd_triton(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, wrap: bool):
-    """Forward kernels: (loss fp32 [], diff [N, Lp, D] in pred's dtype, den fp32 [])."""
+def _fwd_triton(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, wrap: bool, write_grad: bool = True):
+    """Forward kernels: (loss fp32 [], gbuf [N, Lp, D] in pred's dtype or None, unscale fp32 [])."""
     n, lp, d = pred.shape
     c, h, w = imgs.shape[1], imgs.shape[2], imgs.shape[3]
     gw = w // p
     rows = n * lp
+    dev = pred.device
     pp_pad, c_pad, block_p, iters, num_warps, grid = _k.fwd_config(rows, p, c)
-    diff = torch.empty((n, lp, d), dtype=pred.dtype, device=pred.device)  # [N, Lp, D]
-    part = torch.empty((grid, 2), dtype=torch.float32, device=pred.device)  # [G, 2]
-    loss = torch.empty((), dtype=torch.float32, device=pred.device)
-    den = torch.empty((), dtype=torch.float32, device=pred.device)
+    part = torch.empty((grid,), dtype=torch.float32, device=dev)  # [G] loss partials
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    unscale = torch.empty((), dtype=torch.float32, device=dev)
+    gbuf = torch.empty((n, lp, d), dtype=pred.dtype, device=dev) if write_grad else None  # [N, Lp, D]
     has_w = weight is not None
     has_ids = ids is not None
+    prescale = pred.dtype == torch.float16
+    if has_w:  # den = sum(weight), needed by every program of the main kernel
+        den = torch.empty((), dtype=torch.float32, device=dev)
+        block, dw = _k.den_config(weight.numel())
+        _kernel(_k._den_kernel, wrap)[(1,)](weight, den, weight.numel(), BLOCK=block, num_warps=dw)
+    else:
+        den = part  # unused: den = N * M is computed in the kernels
     sid_n, sid_m = (ids.stride(0), ids.stride(1)) if has_ids else (0, 0)
     _kernel(_k._fwd_kernel, wrap)[(grid,)](
-        pred, imgs, weight if has_w else part, ids if has_ids else part, diff, part,
+        pred, imgs, weight if has_w else part, ids if has_ids else part, den,
+        gbuf if write_grad else part, part,
         rows, lp, (h // p) * gw, gw,
         pred.stride(0), pred.stride(1), pred.stride(2),
         imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
         sid_n, sid_m,
         eps,
         P=p, C=c, PP_PAD=pp_pad, C_PAD=c_pad, BLOCK_P=block_p, ITERS=iters,
-        HAS_W=has_w, HAS_IDS=has_ids, NORM=norm_pix,
+        HAS_W=has_w, HAS_IDS=has_ids, NORM=norm_pix, WRITE_GRAD=write_grad, PRESCALE=prescale,
         num_warps=num_warps,
     )
     block, fw = _k.finish_config(grid)
-    _kernel(_k._finish_kernel, wrap)[(1,)](part, loss, den, grid, BLOCK=block, num_warps=fw)
-    return loss, diff, den
-
-
-def _bwd_triton(diff, weight, den, grad_loss, wrap: bool):
-    """Backward kernel: grad_pred [N, Lp, D] from the saved diff."""
-    n, lp, d = diff.shape
-    rows = n * lp
-    d_pad, block_p, iters, num_warps, grid = _k.bwd_config(rows, d)
-    grad = torch.empty((n, lp, d), dtype=diff.dtype, device=diff.device)  # [N, Lp, D]
-    has_w = weight is not None
-    _kernel(_k._bwd_kernel, wrap)[(grid,)](
-        diff, weight if has_w else den, den, grad_loss.reshape(1), grad,
-        rows, lp, weight.shape[1] if has_w else lp, 2.0 / d,
-        D=d, D_PAD=d_pad, BLOCK_P=block_p, ITERS=iters, HAS_W=has_w,
-        num_warps=num_warps,
+    _kernel(_k._finish_kernel, wrap)[(1,)](
+        part, den, loss, unscale, grid, rows, D=d, BLOCK=block, HAS_W=has_w, PRESCALE=prescale, num_warps=fw
     )
-    return grad
+    return loss, gbuf, unscale
+
+
+def _scale_triton(gbuf, unscale, grad_loss, out, wrap: bool):
+    """out = gbuf * (grad_loss * unscale); ``out is gbuf``: in place, skipped on the device when the factor is 1."""
+    total = gbuf.numel()
+    block, iters, num_warps, grid = _k.scale_config(total)
+    _kernel(_k._scale_kernel, wrap)[(grid,)](
+        gbuf, grad_loss.reshape(1), unscale, out, total,
+        BLOCK=block, ITERS=iters, IN_PLACE=out is gbuf, num_warps=num_warps,
+    )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,58 +216,86 @@ def _norm_pix_loss_fwd(
     norm_pix: bool,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss fp32 [], diff kept for backward [N, Lp, D], den fp32 []); weight fp32 [N, L] or ids [N, M]."""
+    """(loss fp32 [], gbuf [N, Lp, D] = the gradient for grad_output 1 (times s in fp16), unscale fp32 [])."""
     if not use_triton(pred):
         return _fwd_torch(pred, imgs, weight, ids, patch_size, norm_pix, eps)
     return _fwd_triton(pred, imgs, weight, ids, patch_size, norm_pix, eps, wrap=True)
 
 
 @torch.library.triton_op("mae_fast::norm_pix_loss_bwd", mutates_args=())
-def _norm_pix_loss_bwd(
-    diff: torch.Tensor, weight: Optional[torch.Tensor], den: torch.Tensor, grad_loss: torch.Tensor
-) -> torch.Tensor:
-    """grad_pred [N, Lp, D] = the saved diff scaled by 2 * grad_loss * w / (D * den)."""
-    if not use_triton(diff):
-        return _bwd_torch(diff, weight, den, grad_loss)
-    return _bwd_triton(diff, weight, den, grad_loss, wrap=True)
+def _norm_pix_loss_bwd(gbuf: torch.Tensor, unscale: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad_pred [N, Lp, D] = gbuf * (grad_loss * unscale): a new tensor, the saved buffer is not modified."""
+    if not use_triton(gbuf):
+        return _bwd_torch(gbuf, unscale, grad_loss)
+    return _scale_triton(gbuf, unscale, grad_loss, torch.empty_like(gbuf), wrap=True)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, weight, _, _, _, _ = inputs
-    _, diff, den = output
-    ctx.save_for_backward(diff, weight, den)
-    ctx.mark_non_differentiable(diff, den)
-    ctx.set_materialize_grads(False)  # no zero-filled pred-sized grad for the non-differentiable diff
+    _, gbuf, unscale = output
+    ctx.save_for_backward(gbuf, unscale)
+    ctx.mark_non_differentiable(gbuf, unscale)
+    ctx.set_materialize_grads(False)  # no zero-filled pred-sized grad for the non-differentiable gbuf
 
 
-def _backward(ctx, grad_loss, grad_diff, grad_den):
-    diff, weight, den = ctx.saved_tensors
-    grad_pred = _norm_pix_loss_bwd(diff, weight, den, grad_loss) if ctx.needs_input_grad[0] else None
+def _backward(ctx, grad_loss, grad_gbuf, grad_unscale):
+    gbuf, unscale = ctx.saved_tensors
+    grad_pred = _norm_pix_loss_bwd(gbuf, unscale, grad_loss) if ctx.needs_input_grad[0] else None
     return grad_pred, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mae_fast::norm_pix_loss_fwd", _backward, setup_context=_setup_context)
 
 
+_SECOND_BACKWARD = (
+    "norm_pix_loss: backward ran a second time through the same graph (retain_graph=True). The eager "
+    "fast path computes grad_pred in the forward and the first backward handed that buffer out as the "
+    "gradient (scaled in place by grad_output, no copy kept), so there is nothing left to return. Compute "
+    "the loss again (call norm_pix_loss once more) before each backward, or use torch.compile, whose "
+    "registered ops keep the buffer and return a new gradient on every backward."
+)
+
+
+def _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=True):
+    """The forward of whichever path ``pred``'s device takes (Triton kernels, or the torch path)."""
+    if use_triton(pred):
+        return _fwd_triton(pred, imgs, weight, ids, p, norm_pix, eps, wrap=False, write_grad=write_grad)
+    return _fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=write_grad)
+
+
 class _EagerNormPixLoss(torch.autograd.Function):
-    """Eager-mode fast path: the same kernels launched directly.
+    """Eager-mode fast path: the kernels (or, on a CPU, the torch path) called directly.
 
     The custom-op dispatch (triton_op + register_autograd) cost about 0.6 ms of host time per
     forward+backward on torch 2.11 (measured on an H200), several times the kernels' own time; eager
-    calls therefore launch the kernels from a plain autograd.Function, and torch.compile (and
+    calls therefore go through a plain autograd.Function, and torch.compile (and
     ``_EAGER_FAST_PATH = False``) goes through the registered ops.
+
+    The forward's gradient buffer is kept as a ctx attribute (not saved_tensors, which could not be
+    released in backward) and handed out by the one backward: scaled in place by grad_output (nothing
+    moves when grad_output == 1), returned as grad_pred, and dropped from ctx so that it lives on only as
+    the caller's gradient. A second backward through the graph raises.
     """
 
     @staticmethod
     def forward(ctx, pred, imgs, weight, ids, p, norm_pix, eps):
-        loss, diff, den = _fwd_triton(pred, imgs, weight, ids, p, norm_pix, eps, wrap=False)
-        ctx.save_for_backward(diff, weight, den)
+        loss, gbuf, unscale = _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps)
+        ctx.gbuf, ctx.unscale = gbuf, unscale
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        diff, weight, den = ctx.saved_tensors
-        grad_pred = _bwd_triton(diff, weight, den, grad_loss, wrap=False) if ctx.needs_input_grad[0] else None
+        gbuf = ctx.gbuf
+        if gbuf is None:
+            raise RuntimeError(_SECOND_BACKWARD)
+        ctx.gbuf = None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        if use_triton(gbuf):
+            grad_pred = _scale_triton(gbuf, ctx.unscale, grad_loss, gbuf, wrap=False)  # in place
+        else:
+            factor = grad_loss.float() * ctx.unscale  # a CPU scalar: comparing it costs no sync
+            grad_pred = gbuf if bool(factor == 1.0) else gbuf.mul_(factor)
+        del gbuf
         return grad_pred, None, None, None, None, None, None
 
 
@@ -230,7 +303,9 @@ _EAGER_FAST_PATH = True
 
 
 def _loss(pred, imgs, weight, ids, p, norm_pix, eps):
-    if _EAGER_FAST_PATH and use_triton(pred) and not _is_compiling():
+    if _EAGER_FAST_PATH and not _is_compiling():
+        if not (pred.requires_grad and torch.is_grad_enabled()):  # loss only: no gradient buffer written
+            return _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=False)[0]
         return _EagerNormPixLoss.apply(pred, imgs, weight, ids, p, norm_pix, eps)
     return _norm_pix_loss_fwd(pred, imgs, weight, ids, p, norm_pix, eps)[0]
 
@@ -243,6 +318,21 @@ def _is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - old torch
         return False
+
+
+def _check_imgs_finite(imgs: torch.Tensor, p: int, counted: torch.Tensor) -> None:
+    """ValueError if a counted patch (``counted [N, L]`` bool) of imgs holds a NaN or an infinity (a sync)."""
+    if bool(torch.isfinite(imgs.sum(dtype=torch.float32))):  # a NaN or inf anywhere makes the sum non-finite
+        return
+    n, c, h, w = imgs.shape
+    bad = ~torch.isfinite(imgs).reshape(n, c, h // p, p, w // p, p)  # [N, C, h, p, w, p]
+    bad = (bad.sum(dim=(1, 3, 5)) > 0).reshape(n, -1) & counted  # [N, L]
+    if bool(bad.any()):
+        b, l = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"imgs has non-finite values (NaN or inf) in {int(bad.sum())} counted patch(es), the first in "
+            f"image {b}, patch {l}: the loss would not be finite"
+        )
 
 
 def norm_pix_loss(
@@ -260,7 +350,8 @@ def norm_pix_loss(
 
     pred [N, L, p*p*C] with mask [N, L] (1 = counted), or pred [N, M, p*p*C] with ids_masked [N, M]
     (mask then optional and unread). ``check``: run the checks that need a device sync (default: on
-    for CPU tensors, else ``MAE_FAST_CHECK_INDICES``). See the module docstring.
+    for CPU tensors, else ``MAE_FAST_CHECK_INDICES``; they include a NaN/inf check of the counted patches
+    of ``imgs``). Eager CUDA calls support one backward per forward. See the module docstring.
     """
     check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("imgs", imgs, ndim=4, dtypes=FLOAT_DTYPES)
@@ -310,6 +401,8 @@ def norm_pix_loss(
         weight = mask.to(torch.float32).contiguous()  # [N, L], no copy when already fp32 contiguous
         if do_check and not bool(weight.sum() != 0):
             raise ValueError("mask is empty (sum(mask) == 0): the masked mean is undefined")
+        if do_check:
+            _check_imgs_finite(imgs, p, weight != 0)
         return _loss(pred, imgs, weight, None, p, bool(norm_pix), eps)
     else:
         if do_check:
@@ -322,4 +415,6 @@ def norm_pix_loss(
                         "mask does not match ids_masked: expected 1 at every named patch and "
                         f"{m} ones per sample"
                     )
+            counted = torch.zeros(n, num_patches, dtype=torch.bool, device=imgs.device)  # [N, L]
+            _check_imgs_finite(imgs, p, counted.scatter_(1, ids_masked.long(), True))
         return _loss(pred, imgs, None, ids_masked, p, bool(norm_pix), eps)

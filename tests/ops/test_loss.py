@@ -1,9 +1,11 @@
 """Tests of mae_fast.ops.norm_pix_loss: float64 oracle, reference forward_loss, Triton under the
 interpreter, compile, bad inputs. Run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU."""
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -74,8 +76,8 @@ def run(pred, imgs, mask, p, **kw):
 def run_torch_same_dtype(pred, imgs, mask, p, norm_pix=True, eps=1e-6, ids=None):
     """The plain torch path in the op's dtype (for assert_close_to_oracle)."""
     weight = None if ids is not None else mask
-    loss, diff, den = loss_mod._fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps)
-    grad = loss_mod._bwd_torch(diff, weight, den, torch.ones((), dtype=torch.float32))
+    loss, gbuf, unscale = loss_mod._fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps)
+    grad = loss_mod._bwd_torch(gbuf, unscale, torch.ones((), dtype=torch.float32))
     return loss, grad
 
 
@@ -145,7 +147,7 @@ def test_low_precision_against_oracle(dtype, form):
     same_loss, same_grad = run_torch_same_dtype(pred, imgs, mask_arg, p, ids=oids)
     assert grad.dtype == dtype
     assert rel_err(loss, ref_loss) < 1e-5  # statistics in fp32 on the same (rounded) inputs
-    # one ulp at the largest gradient: the saved diff is rounded to the pred dtype, then the gradient
+    # one ulp at the largest gradient: the buffer is rounded to the pred dtype, then (fp16) the gradient
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     assert_close_to_oracle(grad, ref_grad, same_grad, atol=ulp * ref_grad.abs().max().item(), name="grad")
     assert rel_err(grad, ref_grad) < ulp
@@ -225,11 +227,13 @@ def test_triton_through_registered_ops(triton_only, monkeypatch, form):
 
 
 def test_triton_multi_iteration_programs(triton_only, monkeypatch):
-    """Programs that loop over several row blocks (partial last program) and a looping finish kernel."""
+    """Programs that loop over several blocks (partial last program) in every kernel: forward, den
+    pre-pass, finish and the in-place backward scaling."""
     n, c, h, w, p = 3, 3, 32, 40, 8  # 60 rows of D = 192
     pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=5, ratio=0.5)
+    mask = mask * (0.25 + torch.rand(mask.shape, generator=torch.Generator().manual_seed(1)))  # fractional
     k = loss_mod._k
-    real_fwd, real_bwd = k.fwd_config, k.bwd_config
+    real_fwd = k.fwd_config
     seen = []
 
     def fwd_cfg(R, P, C):
@@ -237,18 +241,24 @@ def test_triton_multi_iteration_programs(triton_only, monkeypatch):
         seen.append(("fwd", R))
         return pp_pad, c_pad, 4, 3, warps, -(-R // 12)  # 12 rows per program, ITERS = 3
 
-    def bwd_cfg(R, D):
-        d_pad, _, _, warps, _ = real_bwd(R, D)
-        seen.append(("bwd", R))
-        return d_pad, 2, 4, warps, -(-R // 8)  # 8 rows per program, ITERS = 4
+    def den_cfg(T):
+        seen.append(("den", T))
+        return 16, 1  # 60 weights in 4 steps of 16
+
+    def scale_cfg(T):
+        seen.append(("scale", T))
+        return 512, 4, 1, -(-T // 2048)  # 2048 values per program, ITERS = 4, last program partial
 
     monkeypatch.setattr(k, "fwd_config", fwd_cfg)
-    monkeypatch.setattr(k, "bwd_config", bwd_cfg)
+    monkeypatch.setattr(k, "den_config", den_cfg)
+    monkeypatch.setattr(k, "scale_config", scale_cfg)
     monkeypatch.setattr(k, "finish_config", lambda G: (2, 1))  # 5 partials, BLOCK 2
-    loss, grad = run(pred, imgs, mask, p)
     ref_loss, ref_grad = oracle(pred, imgs, mask, p)
-    assert seen == [("fwd", 60), ("bwd", 60)]  # both kernels used the forced configs
-    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+    x = pred.clone().requires_grad_(True)
+    loss = norm_pix_loss(x, imgs, mask, p)
+    (grad,) = torch.autograd.grad(loss * 3.0, x)
+    assert seen == [("fwd", 60), ("den", 60), ("scale", 60 * 192)]  # every kernel used the forced configs
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, 3.0 * ref_grad) < 1e-5
     pm = torch.stack([pred[b, ids[b]] for b in range(n)])  # 3 x 10 = 30 rows
     loss_m, grad_m = run(pm, imgs, None, p, ids_masked=ids)
     ref_loss_m, ref_grad_m = oracle(pm, imgs, None, p, ids=ids)
@@ -256,17 +266,20 @@ def test_triton_multi_iteration_programs(triton_only, monkeypatch):
 
 
 def test_launch_configs():
-    from mae_fast.kernels.norm_pix_loss import bwd_config, finish_config, fwd_config
+    from mae_fast.kernels.norm_pix_loss import den_config, finish_config, fwd_config, scale_config
 
     for R, P, C in [(256 * 196, 16, 3), (256 * 147, 14, 3), (7, 8, 1), (10**6, 4, 3), (3, 32, 3), (5, 16, 4)]:
         pp_pad, c_pad, block_p, iters, _, grid = fwd_config(R, P, C)
         assert pp_pad >= P * P and c_pad >= C and pp_pad & (pp_pad - 1) == 0 and c_pad & (c_pad - 1) == 0
         assert grid * block_p * iters >= R > (grid - 1) * block_p * iters
-        d_pad, block_p, iters, _, grid = bwd_config(R, P * P * C)
-        assert d_pad >= P * P * C and d_pad & (d_pad - 1) == 0
-        assert grid * block_p * iters >= R > (grid - 1) * block_p * iters
+        T = R * P * P * C
+        block, iters, _, grid_s = scale_config(T)
+        assert block & (block - 1) == 0 and grid_s * block * iters >= T > (grid_s - 1) * block * iters
+        assert grid_s <= 2048 or iters == 8
         block, _ = finish_config(grid)
         assert block & (block - 1) == 0
+        block, _ = den_config(R)
+        assert block & (block - 1) == 0 and 128 <= block <= 16384
 
 
 # ------------------------------------------------------------------------------ semantics
@@ -318,13 +331,18 @@ def test_non_contiguous_inputs_and_bool_mask():
 
 
 def test_grad_output_scaling_and_no_input_mutation():
-    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=9)
-    copies = [t.clone() for t in (pred, imgs, mask)]
+    pred, imgs, mask, ids = make_inputs(2, 3, 16, 24, 8, seed=9)
+    pm = torch.stack([pred[b, ids[b]] for b in range(2)])  # [N, M, D]
+    copies = [t.clone() for t in (pred, imgs, mask, ids, pm)]
     x = pred.clone().requires_grad_(True)
     (norm_pix_loss(x, imgs, mask, 8) * 3.5).backward()
     _, ref_grad = oracle(pred, imgs, mask, 8)
     assert rel_err(x.grad, 3.5 * ref_grad) < 1e-5
-    for a, b in zip(copies, (pred, imgs, mask)):
+    # the user's own tensors as the op's arguments (the in-place backward scales only its own buffer)
+    x_user = pm.requires_grad_(True)
+    (norm_pix_loss(x_user, imgs, mask, 8, ids_masked=ids) * 3.5).backward()
+    pm.requires_grad_(False)
+    for a, b in zip(copies, (pred, imgs, mask, ids, pm)):
         assert torch.equal(a, b)
     # imgs needing grad does not break anything (imgs are constants for this loss)
     y = pred.clone().requires_grad_(True)
@@ -332,14 +350,191 @@ def test_grad_output_scaling_and_no_input_mutation():
     assert rel_err(y.grad, ref_grad) < 1e-5
 
 
+def _eager_fast_path(pred):
+    """Whether norm_pix_loss on ``pred`` runs the eager path (one backward per forward; CPU and CUDA)."""
+    return loss_mod._EAGER_FAST_PATH
+
+
 def test_backward_twice_with_retain_graph():
-    """The kept diff is only read by backward: a second backward gives the same gradient."""
+    """Eager path (Triton or torch): the first backward hands out the buffer, a second one raises a clear
+    error. Registered ops (torch.compile): functional, a second backward gives the same gradient."""
     pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=14)
     x = pred.clone().requires_grad_(True)
     loss = norm_pix_loss(x, imgs, mask, 8)
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, x)
-    assert torch.equal(g1, g2)
+    if _eager_fast_path(x):
+        with pytest.raises(RuntimeError, match=r"second time.*retain_graph.*Compute the loss again"):
+            torch.autograd.grad(loss, x)
+    else:
+        (g2,) = torch.autograd.grad(loss * 2.0, x)
+        assert torch.equal(2.0 * g1, g2) and g1.data_ptr() != g2.data_ptr()
+
+
+def test_registered_ops_backward_twice(monkeypatch):
+    """The registered ops never hand out the saved buffer: each backward returns a new tensor."""
+    monkeypatch.setattr(loss_mod, "_EAGER_FAST_PATH", False)
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=15)
+    x = pred.clone().requires_grad_(True)
+    loss = norm_pix_loss(x, imgs, mask, 8)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1_copy = g1.clone()
+    (g2,) = torch.autograd.grad(loss * 0.5, x)
+    _, ref_grad = oracle(pred, imgs, mask, 8)
+    assert g1.data_ptr() != g2.data_ptr() and torch.equal(g1, g1_copy)
+    assert rel_err(g1, ref_grad) < 1e-5 and rel_err(g2, 0.5 * ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_eager_backward_hands_out_forward_buffer(triton_only, monkeypatch, dtype):
+    """go == 1: the returned gradient is the forward's buffer itself (unchanged for fp32; fp16 unscaled in
+    place); go == 3: the same buffer, scaled in place. Equal to the float64 oracle either way."""
+    made = []
+    real_fwd = loss_mod._fwd_triton
+
+    def spy(*a, **k):
+        out = real_fwd(*a, **k)
+        made.append((out[1], out[1].clone() if out[1] is not None else None))
+        return out
+
+    monkeypatch.setattr(loss_mod, "_fwd_triton", spy)
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=16, dtype=dtype)
+    _, ref_grad = oracle(pred, imgs, mask, 8)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -10
+    for go in (1.0, 3.0):
+        x = pred.clone().requires_grad_(True)
+        loss = norm_pix_loss(x, imgs, mask, 8)
+        (grad,) = torch.autograd.grad(loss * go if go != 1.0 else loss, x)
+        buf, before = made[-1]
+        assert grad is buf  # no copy: the forward's buffer is the gradient
+        if dtype == torch.float32 and go == 1.0:
+            assert torch.equal(grad, before)  # untouched: the backward exited at once
+        else:
+            assert not torch.equal(grad, before)
+        assert rel_err(grad, go * ref_grad) < tol
+
+
+def test_eager_backward_keeps_no_reference(triton_only):
+    """After backward the gradient buffer lives only as the caller's gradient, even with the graph kept."""
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=17)
+    x = pred.clone().requires_grad_(True)
+    loss = norm_pix_loss(x, imgs, mask, 8)
+    assert loss.grad_fn.gbuf is not None  # the ctx holds the buffer until backward
+    (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+    assert loss.grad_fn.gbuf is None
+    ref = weakref.ref(grad)
+    del grad
+    gc.collect()
+    assert ref() is None  # freed although the graph (and its ctx) is still alive
+
+
+@pytest.mark.parametrize("go", [0.5, 3.0])
+@pytest.mark.parametrize("path", ["eager", "registered"])
+def test_grad_output_scaling_paths(monkeypatch, go, path):
+    """grad_output != 1 scales the gradient: eager fast path (in place) and the registered ops (new tensor)."""
+    if path == "registered":
+        monkeypatch.setattr(loss_mod, "_EAGER_FAST_PATH", False)
+    n, c, h, w, p = 2, 3, 16, 24, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=18)
+    x = pred.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(norm_pix_loss(x, imgs, mask, p) * go, x)
+    _, ref_grad = oracle(pred, imgs, mask, p)
+    assert rel_err(grad, go * ref_grad) < 1e-5
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)]).requires_grad_(True)
+    (grad_m,) = torch.autograd.grad(norm_pix_loss(pm, imgs, None, p, ids_masked=ids) * go, pm)
+    _, ref_grad_m = oracle(pm, imgs, None, p, ids=ids)
+    assert rel_err(grad_m, go * ref_grad_m) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_fp16_gradscaler_gradients_accurate(form):
+    """fp16 with a large denominator: the unit gradient (about 2.7e-5 here, 1e-7 at N=256) is below fp16's
+    normal range; with a GradScaler-like grad_output of 65536 the gradient must still be accurate."""
+    n, c, h, w, p = 16, 3, 32, 64, 16  # D = 768, 8 patches, 6 counted: sum(mask) = 96
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, dtype=torch.float16, seed=19)
+    if form == "masked":
+        pred = torch.stack([pred[b, ids[b]] for b in range(n)])
+        mask_arg, kw, oids = None, {"ids_masked": ids}, ids
+    else:
+        mask_arg, kw, oids = mask, {}, None
+    x = pred.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(norm_pix_loss(x, imgs, mask_arg, p, **kw) * 65536.0, x)
+    _, ref_grad = oracle(pred, imgs, mask_arg, p, ids=oids)
+    assert grad.dtype == torch.float16
+    # elementwise one rounding (plus a floor far below the values): rounding the unit gradient to fp16 and
+    # then scaling it (no prescale) misses this bound on about one element in ten
+    exact = 65536.0 * ref_grad
+    err = (grad.double() - exact).abs()
+    assert (err <= 2.0 ** -10 * exact.abs() + 2.0 ** -14 * exact.abs().max()).all()
+
+
+def test_loss_without_gradient(monkeypatch):
+    """no_grad / a pred that does not require grad: the same loss (the eager path writes no buffer)."""
+    bufs = []
+    real_fwd = loss_mod._fwd_any
+
+    def spy(*a, **k):
+        out = real_fwd(*a, **k)
+        bufs.append(out[1])
+        return out
+
+    monkeypatch.setattr(loss_mod, "_fwd_any", spy)
+    pred, imgs, mask, ids = make_inputs(2, 3, 16, 24, 8, seed=20)
+    with_grad = norm_pix_loss(pred.clone().requires_grad_(True), imgs, mask, 8).detach()
+    with torch.no_grad():
+        a = norm_pix_loss(pred.clone().requires_grad_(True), imgs, mask, 8)
+    b = norm_pix_loss(pred, imgs, mask, 8)
+    assert torch.equal(a, with_grad) and torch.equal(b, with_grad) and not b.requires_grad
+    if _eager_fast_path(pred):
+        assert bufs[0] is not None and bufs[1] is None and bufs[2] is None
+
+
+def test_scale_kernel_in_place_early_exit(triton_only):
+    """In place, a factor of exactly 1 returns before any load or store; otherwise out = src * factor."""
+    k = loss_mod._k
+    src = torch.randn(1000, generator=torch.Generator().manual_seed(25))
+    one, unscale = torch.ones(1), torch.ones(())
+    out = torch.full((1000,), 7.0)  # a distinct out shows whether anything was stored
+    k._scale_kernel[(2,)](src, one, unscale, out, 1000, BLOCK=128, ITERS=4, IN_PLACE=True)
+    assert (out == 7.0).all()
+    k._scale_kernel[(2,)](src, torch.tensor([4.0]), torch.tensor(0.25), out, 1000, BLOCK=128, ITERS=4, IN_PLACE=True)
+    assert (out == 7.0).all()  # the factor is grad_output * unscale
+    k._scale_kernel[(2,)](src, torch.tensor([3.0]), unscale, out, 1000, BLOCK=128, ITERS=4, IN_PLACE=True)
+    assert torch.equal(out, src * 3.0)
+    k._scale_kernel[(2,)](src, one, unscale, out, 1000, BLOCK=128, ITERS=4, IN_PLACE=False)
+    assert torch.equal(out, src)  # out of place: always written
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_den_prepass_fractional_weights(triton):
+    """sum(weight) of the pre-pass (Triton: looping one-program kernel) against float64, and the loss and
+    gradient with fractional weights, zero rows and weights above 1."""
+    if triton and not INTERP:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(21)
+    if triton:
+        wts = torch.rand(3, 50, generator=g) * 3.0  # T = 150, BLOCK 32: 5 steps, a partial last one
+        wts[:, ::7] = 0.0
+        den = torch.empty((), dtype=torch.float32)
+        loss_mod._k._den_kernel[(1,)](wts, den, wts.numel(), BLOCK=32)
+        assert abs(float(den) - wts.double().sum().item()) <= 1e-6 * wts.double().sum().item()
+        den2 = torch.empty((), dtype=torch.float32)
+        loss_mod._k._den_kernel[(1,)](wts, den2, wts.numel(), BLOCK=32)
+        assert torch.equal(den, den2)
+    pred, imgs, mask, _ = make_inputs(3, 3, 16, 24, 8, seed=22)
+    weights = mask * torch.rand(mask.shape, generator=g) * 2.5
+    weights[:, 1] = 0.0
+    loss, grad = run(pred, imgs, weights, 8)
+    ref_loss, ref_grad = oracle(pred, imgs, weights, 8)
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+    assert (grad[:, 1] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes 0/0, inf-inf
+def test_unchecked_empty_mask_gives_nan():
+    """check=False and sum(mask) == 0: NaN loss and NaN gradient (w / den = 0 / 0), as before."""
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=23)
+    loss, grad = run(pred, imgs, torch.zeros_like(mask), 8, check=False)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
 
 
 def test_deterministic():
@@ -362,6 +557,27 @@ def test_uncounted_patches_are_not_read():
 
 
 # ------------------------------------------------------------------------------ bad inputs
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes 0/0, inf-inf
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_imgs_raise_when_checked(bad):
+    n, c, h, w, p = 2, 3, 16, 24, 8
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=24)
+    mask[1, 4] = 1.0  # image 1, patch 4 (row 1, column 1) counts
+    ids[1, 0] = 4
+    ids[1, 1:] = torch.tensor([i for i in range(6) if i != 4][: ids.shape[1] - 1])
+    dirty = imgs.clone()
+    dirty[1, 2, 10, 12] = bad  # inside image 1, patch 4
+    pm = torch.stack([pred[b, ids[b]] for b in range(n)])
+    with pytest.raises(ValueError, match=r"imgs has non-finite values.*image 1, patch 4"):
+        norm_pix_loss(pred, dirty, mask, p)
+    with pytest.raises(ValueError, match=r"imgs has non-finite values.*image 1, patch 4"):
+        norm_pix_loss(pm, dirty, None, p, ids_masked=ids)
+    with pytest.raises(ValueError, match="imgs has non-finite values"):
+        norm_pix_loss(pred, dirty, mask, p, check=True)
+    # unchecked: computed, not finite
+    assert not torch.isfinite(norm_pix_loss(pred, dirty, mask, p, check=False))
+
+
 def test_bad_inputs():
     n, c, h, w, p = 2, 3, 16, 24, 8
     pred, imgs, mask, ids = make_inputs(n, c, h, w, p)
@@ -436,11 +652,12 @@ def test_compile_fullgraph_cpu_subprocess():
         def g(pm, imgs, ids):
             return norm_pix_loss(pm, imgs, None, 8, ids_masked=ids)
         for fn, args in ((f, (pred, imgs, mask)), (g, (pm, imgs, ids))):
-            eager = fn(*args); eager.backward(); ge = args[0].grad.clone(); args[0].grad = None
-            comp = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
-            comp.backward(); gc = args[0].grad.clone(); args[0].grad = None
-            assert torch.allclose(eager, comp, rtol=1e-6), (eager, comp)
-            assert torch.allclose(ge, gc, rtol=1e-5, atol=1e-9)
+            for go in (1.0, 3.0):
+                eager = fn(*args); (eager * go).backward(); ge = args[0].grad.clone(); args[0].grad = None
+                comp = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+                (comp * go).backward(); gc = args[0].grad.clone(); args[0].grad = None
+                assert torch.allclose(eager, comp, rtol=1e-6), (eager, comp)
+                assert torch.allclose(ge, gc, rtol=1e-5, atol=1e-9)
         print("OK")
         """
     )
@@ -491,3 +708,18 @@ def test_gpu_compile_triton_visible_and_reference():
     comp_m.backward()
     assert rel_err(comp_m, r) < 1e-5
     assert rel_err(pm.grad, torch.stack([ge[b, ids[b]] for b in range(n)])) < 1e-2
+
+
+def test_one_patch_per_image_leaves_imgs_alone():
+    """p == H == W with C == 1: patchify is a view of imgs; the torch path must not write through it."""
+    imgs = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(30))
+    keep = imgs.clone()
+    pred = torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(31))
+    mask = torch.ones(2, 1)
+    x = pred.clone().requires_grad_(True)
+    loss = norm_pix_loss(x, imgs, mask, 8)
+    loss.backward()
+    ref_loss, ref_grad = oracle(pred, imgs, mask, 8)
+    assert torch.equal(imgs, keep)
+    assert abs(float(loss.detach()) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    assert rel_err(x.grad, ref_grad) < 1e-5
