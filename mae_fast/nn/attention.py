@@ -5,10 +5,10 @@
 ``"auto"``. Asking for a backend that cannot run is an error, never a silent fallback.
 
 "auto" measures. The first time a shape is seen (device, dtype, B, H, Nq, Nk, head dim, scale,
-dropout on/off, forward-only or forward+backward, deterministic mode), :func:`tune` runs every
-backend that exists on the device on random inputs of that shape, drops the ones that fail or whose
-output or gradients disagree with an fp32 math oracle (checked on a slice of the batch), times the
-rest (forward, plus backward when autograd will need it) and keeps the fastest. The choice is
+dropout on/off, forward-only or forward+backward, deterministic mode, strides), :func:`tune` runs
+every backend that exists on the device on random inputs of that shape and memory layout, drops the
+ones that fail or whose output or gradients disagree with an fp32 math oracle (checked on a slice of
+the batch), times the rest (forward, plus backward when autograd will need it) and keeps the fastest. The choice is
 cached for the process (:func:`attn_autotune_results`). The MAE shapes are exactly where this
 matters: head dim 32 in the decoder and 64-80 in the encoders, sequence lengths such as 50 and 197
 that are not multiples of 128, where some backends have had bugs.
@@ -161,10 +161,16 @@ def _run(name: str, q, k, v, dropout_p: float, scale: Optional[float]) -> torch.
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
+def _strides(t: torch.Tensor) -> str:
+    s = t.stride()  # q, k, v are [B, H, N, hd]; formatted int by int so torch.compile can fold it
+    return f"{s[0]},{s[1]},{s[2]},{s[3]}"
+
+
 def _tune_key(q, k, v, dropout_p: float, scale: Optional[float], grad: bool) -> str:
     B, H, Nq, hd = q.shape
     return (f"{q.device}|{str(q.dtype).replace('torch.', '')}|B={B}|H={H}|Nq={Nq}|Nk={k.shape[-2]}|hd={hd}"
             f"|vd={v.shape[-1]}|scale={scale}|dropout={dropout_p > 0}|{'fwd+bwd' if grad else 'fwd'}"
+            f"|strides={_strides(q)};{_strides(k)};{_strides(v)}"
             f"|deterministic={torch.are_deterministic_algorithms_enabled()}")
 
 
@@ -220,7 +226,7 @@ def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, g
         return None, _why(e)
     if max(errs) > tol:
         return None, f"incorrect: relative error {max(errs):.3g} > {tol:g} against fp32 math"
-    xs = [t.clone().requires_grad_(grad) for t in full]
+    xs = [t.detach().requires_grad_(grad) for t in full]  # the real call's strides
 
     def step():
         out = _run(name, *xs, dropout_p, scale)
@@ -249,7 +255,16 @@ def tune(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0
     def rand(shape):
         return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
-    full = [rand(t.shape) for t in (q, k, v)]
+    def rand_like_layout(t):
+        """Random values in t's strides (q, k, v are often views into one qkv buffer; some backends copy
+        such inputs, and that cost belongs in the timing); contiguous where the strides overlap."""
+        values = rand(t.shape)
+        try:
+            return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device).copy_(values)
+        except RuntimeError:
+            return values
+
+    full = [rand_like_layout(t) for t in (q, k, v)]
     g_out = rand(tuple(q.shape[:-1]) + (v.shape[-1],))
     b = min(q.shape[0], _TUNE_CHECK_BATCH)
     small = [t[:b].float().requires_grad_(grad) for t in full]

@@ -27,7 +27,7 @@ def test_auto_measures_each_shape_once_and_matches_math():
     res = A.attn_autotune_results()
     assert len(res) == 1
     (key, entry), = res.items()
-    assert "B=2|H=3|Nq=50|Nk=50|hd=24" in key and key.endswith("fwd+bwd|deterministic=False")
+    assert "B=2|H=3|Nq=50|Nk=50|hd=24" in key and "fwd+bwd" in key and key.endswith("deterministic=False")
     assert set(entry["times_ms"]) == {"flash", "math"} and all(t > 0 for t in entry["times_ms"].values())
     assert entry["backend"] == min(entry["times_ms"], key=entry["times_ms"].get)
     q64, k64, v64 = (t.detach().double() for t in (q, k, v))
@@ -143,3 +143,23 @@ def test_cuda_auto_measures_the_mae_shapes(B, H, N, hd):
     q64, k64, v64 = (t.detach().double() for t in (q, k, v))
     exact = torch.softmax(q64 @ k64.transpose(-1, -2) / hd ** 0.5, dim=-1) @ v64
     assert (out.double() - exact).norm() / exact.norm() < 2e-2
+
+
+def test_auto_measures_in_the_callers_memory_layout(monkeypatch):
+    """q, k, v as views into one qkv buffer (as in Attention): the timed inputs have the same strides."""
+    B, N, H, hd = 6, 17, 3, 8  # B above the correctness slice (4): full-batch calls are the timed ones
+    qkv = torch.randn(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd], strided views
+    q, k, v = qkv.unbind(0)
+    seen = []
+    real_run = A._run
+
+    def spy(name, q_, k_, v_, dropout_p, scale):
+        seen.append((q_.shape[0], q_.stride()))
+        return real_run(name, q_, k_, v_, dropout_p, scale)
+
+    monkeypatch.setattr(A, "_run", spy)
+    A.attention(q, k, v)
+    (key,) = A.attn_autotune_results()
+    assert "strides=" + ",".join(map(str, q.stride())) in key
+    timed = [s for b, s in seen if b == B]
+    assert timed and all(s == q.stride() for s in timed)
