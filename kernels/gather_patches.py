@@ -1,9 +1,12 @@
-"""Triton kernels: raw pixels of the visible patches in the (C, p, p) order of a flattened Conv2d weight.
+"""Triton kernels: raw pixels of the visible patches (tubelets) in the (C, u, p, p) order of a flattened
+Conv3d weight ((C, p, p), a flattened Conv2d weight, for images: u = 1).
 
-Forward:  imgs [N, C, H, W], ids_keep [N, K] -> out [N, K, C*p*p]
-          out[n, k, c*p*p + i*p + j] = imgs[n, c, ph*p + i, pw*p + j],  (ph, pw) = divmod(ids_keep[n, k], W/p)
-Backward: one program per (patch of the image grid, E block): grad_imgs is written exactly once, from the
-          visible patch's gradient row or zeros (inverse map inv [N, L]: k or -1), so no atomics.
+Forward:  imgs [N, C, T, H, W] (an image [N, C, H, W] is T = u = 1, time stride 0), ids_keep [N, K]
+          -> out [N, K, C*u*p*p]
+          out[n, k, ((c*u + f)*p + i)*p + j] = imgs[n, c, s*u + f, r*p + i, q*p + j]
+          with token ids_keep[n, k] = (s, r, q): s = l // (h*w), r = (l % (h*w)) // w, q = l % w
+Backward: one program per (token of the grid, E block): grad_imgs is written exactly once, from the
+          visible token's gradient row or zeros (inverse map inv [N, L]: k or -1), so no atomics.
 """
 import triton
 import triton.language as tl
@@ -12,10 +15,10 @@ import triton.language as tl
 @triton.jit
 def gather_patches_fwd_kernel(
     img_ptr, ids_ptr, out_ptr,
-    R, K, E, WP,  # R = N*K rows, E = C*p*p, WP = W // p
-    sin, sic, sih, siw,
+    R, K, E, WP, HWP,  # R = N*K rows, E = C*u*p*p, WP = W // p, HWP = (H // p) * (W // p) tokens per slot
+    sin, sic, sit, sih, siw,  # sit: time stride (0 for an image)
     sdn, sdk,
-    PATCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    PATCH: tl.constexpr, TUBE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
@@ -23,13 +26,16 @@ def gather_patches_fwd_kernel(
     e_ok = e < E
     n = rows // K
     k = rows % K
-    t = tl.load(ids_ptr + n * sdn + k * sdk, mask=row_ok, other=0).to(tl.int64)  # [BR] patch index
-    ph = t // WP
+    t = tl.load(ids_ptr + n * sdn + k * sdk, mask=row_ok, other=0).to(tl.int64)  # [BR] token index
+    s = t // HWP  # tubelet slot in time
+    ph = (t % HWP) // WP
     pw = t % WP
-    c = e // (PATCH * PATCH)
+    c = e // (TUBE * PATCH * PATCH)
+    f = (e // (PATCH * PATCH)) % TUBE  # frame within the tubelet
     i = (e // PATCH) % PATCH
     j = e % PATCH
-    src = (n * sin + ph * (PATCH * sih) + pw * (PATCH * siw))[:, None] + (c * sic + i * sih + j * siw)[None, :]
+    base = n * sin + s * (TUBE * sit) + ph * (PATCH * sih) + pw * (PATCH * siw)  # [BR]
+    src = base[:, None] + (c.to(tl.int64) * sic + f * sit + i * sih + j * siw)[None, :]
     m = row_ok[:, None] & e_ok[None, :]
     v = tl.load(img_ptr + src, mask=m, other=0.0)
     tl.store(out_ptr + rows[:, None] * E + e[None, :], v, mask=m)
@@ -38,9 +44,9 @@ def gather_patches_fwd_kernel(
 @triton.jit
 def gather_patches_bwd_kernel(
     g_ptr, inv_ptr, gi_ptr,
-    R, L, E, WP, H, W,  # R = N*L patches of the grid
+    R, L, E, WP, HWP, T, H, W,  # R = N*L tokens of the grid, T frames (1 for an image)
     sgn, sgk, sge,
-    PATCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    PATCH: tl.constexpr, TUBE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64: n*L + t
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
@@ -48,21 +54,24 @@ def gather_patches_bwd_kernel(
     e_ok = e < E
     n = rows // L
     t = rows % L
-    k = tl.load(inv_ptr + rows, mask=row_ok, other=-1).to(tl.int64)  # [BR] -1: removed patch
+    k = tl.load(inv_ptr + rows, mask=row_ok, other=-1).to(tl.int64)  # [BR] -1: removed token
     hit = k >= 0
     g = tl.load(g_ptr + (n * sgn + k * sgk)[:, None] + e[None, :] * sge,
                 mask=hit[:, None] & e_ok[None, :], other=0.0)
-    ph = t // WP
+    s = t // HWP
+    ph = (t % HWP) // WP
     pw = t % WP
-    c = e // (PATCH * PATCH)
+    c = e // (TUBE * PATCH * PATCH)
+    f = (e // (PATCH * PATCH)) % TUBE
     i = (e // PATCH) % PATCH
     j = e % PATCH
-    # grad_imgs is contiguous [N, C, H, W]
-    dst = (n * E * L + ph * (PATCH * W) + pw * PATCH)[:, None] + (c * (H * W) + i * W + j)[None, :]
+    # grad_imgs is contiguous [N, C, T, H, W] (n * E * L = n * C*T*H*W)
+    base = n * E * L + s * (TUBE * H * W) + ph * (PATCH * W) + pw * PATCH  # [BR]
+    dst = base[:, None] + (c.to(tl.int64) * T * H * W + f * (H * W) + i * W + j)[None, :]
     tl.store(gi_ptr + dst, g.to(gi_ptr.dtype.element_ty), mask=row_ok[:, None] & e_ok[None, :])
 
 
 def blocks(E: int):
-    """(BLOCK_R, BLOCK_E, num_warps): 256-wide blocks over C*p*p (768 for p=16, C=3), several patches each."""
+    """(BLOCK_R, BLOCK_E, num_warps): 256-wide blocks over C*u*p*p (768 for p=16, C=3), several patches each."""
     block_e = min(256, triton.next_power_of_2(E))
     return max(1, 4096 // block_e), block_e, 4

@@ -2,10 +2,11 @@
 
 Rows: one row per predicted patch (``R = N * Lp`` rows, ``Lp`` = L for the full form, M for the
 masked-only form). A program of ``_fwd_kernel`` handles ``ITERS`` blocks of ``BLOCK_P`` rows. A row's
-target is read straight from ``imgs [N, C, H, W]`` (strided, no patchified copy) as a tile
-[pixels, channels] (pixel = row in patch * P + column in patch), which is the patchify order (row,
-column, channel) of the pred row; P*P and C are padded to powers of two (p=14: 196 -> 256 pixels) and
-masked.
+target is read straight from ``imgs [N, C, H, W]`` or ``[N, C, T, H, W]`` (strided, no patchified copy)
+as a tile [pixels, channels] (pixel = (frame in tubelet * P + row in patch) * P + column in patch; an
+image is one frame, U = 1, time stride 0), which is the patchify order (frame, row, column, channel) of
+the pred row; U*P*P and C are padded to powers of two (p=14: 196 -> 256 pixels) and masked. Token l is
+(slot, row, column) = (l // HW, (l % HW) // GW, l % GW) with HW = GH * GW tokens per time slot.
 
 The forward writes the final gradient, so that backward has nothing to do when grad_output == 1.
 That needs the denominator before the main kernel:
@@ -62,27 +63,28 @@ def _den_kernel(w_ptr, den_ptr, T, BLOCK: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     pred_ptr, imgs_ptr, w_ptr, ids_ptr, den_ptr, grad_ptr, part_ptr,
-    R, LP, L, GW,
+    R, LP, L, HW, GW,
     sp_n, sp_l, sp_d,
-    si_n, si_c, si_h, si_w,
+    si_n, si_c, si_t, si_h, si_w,
     sid_n, sid_m,
     eps,
-    P: tl.constexpr, C: tl.constexpr, PP_PAD: tl.constexpr, C_PAD: tl.constexpr,
+    P: tl.constexpr, U: tl.constexpr, C: tl.constexpr, PP_PAD: tl.constexpr, C_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, ITERS: tl.constexpr,
     HAS_W: tl.constexpr, HAS_IDS: tl.constexpr, NORM: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PRESCALE: tl.constexpr,
 ):
-    # tile [BLOCK_P rows, PP_PAD pixels (row in patch, column in patch), C_PAD channels]: the pred
-    # offsets (pixel * C + channel) and the image offsets (channel plane, pixel row, pixel column) are
-    # each coalesced along their own axis; the compiler moves values between the two layouts.
-    D: tl.constexpr = P * P * C
+    # tile [BLOCK_P rows, PP_PAD pixels (frame in tubelet, row in patch, column in patch), C_PAD
+    # channels]: the pred offsets (pixel * C + channel) and the image offsets (channel plane, frame, pixel
+    # row, pixel column) are each coalesced along their own axis; the compiler moves values between the
+    # two layouts.
+    D: tl.constexpr = U * P * P * C
     pid = tl.program_id(0)
     q = tl.arange(0, PP_PAD)  # [PP_PAD]
     ch = tl.arange(0, C_PAD)  # [C_PAD]
-    lane_ok = (q < P * P)[:, None] & (ch < C)[None, :]  # [PP_PAD, C_PAD]
+    lane_ok = (q < U * P * P)[:, None] & (ch < C)[None, :]  # [PP_PAD, C_PAD]
     d64 = (q * C).to(tl.int64)[:, None] + ch.to(tl.int64)[None, :]  # position in the patch vector
-    img_lane = ((q // P).to(tl.int64) * si_h + (q % P).to(tl.int64) * si_w)[:, None] \
-        + ch.to(tl.int64)[None, :] * si_c  # [PP_PAD, C_PAD]
+    img_lane = ((q // (P * P)).to(tl.int64) * si_t + ((q // P) % P).to(tl.int64) * si_h
+                + (q % P).to(tl.int64) * si_w)[:, None] + ch.to(tl.int64)[None, :] * si_c  # [PP_PAD, C_PAD]
     if HAS_W:
         den = tl.load(den_ptr).to(tl.float32)  # sum(weight) from _den_kernel
     else:
@@ -102,9 +104,10 @@ def _fwd_kernel(
         else:
             w = tl.where(row_ok, 1.0, 0.0)
         active = row_ok & (w != 0.0)
-        pi = l // GW
+        ps = l // HW  # tubelet slot in time (0 for an image)
+        pi = (l % HW) // GW
         pj = l % GW
-        img_row = n * si_n + (pi * P) * si_h + (pj * P) * si_w  # [BLOCK_P]
+        img_row = n * si_n + (ps * U) * si_t + (pi * P) * si_h + (pj * P) * si_w  # [BLOCK_P]
         ok = active[:, None, None] & lane_ok[None, :, :]  # [BLOCK_P, PP_PAD, C_PAD]
         t = tl.load(imgs_ptr + img_row[:, None, None] + img_lane[None, :, :], mask=ok, other=0.0)
         t = t.to(tl.float32)
@@ -178,15 +181,15 @@ def _rows_per_program(R: int, block_p: int, max_programs: int):
     return iters, triton.cdiv(R, block_p * iters)
 
 
-def fwd_config(R: int, P: int, C: int, tile: int = 1024, max_programs: int = 1 << 16):
-    """(PP_PAD, C_PAD, BLOCK_P, ITERS, num_warps, grid) of ``_fwd_kernel`` over R patches.
+def fwd_config(R: int, P: int, C: int, U: int = 1, tile: int = 1024, max_programs: int = 1 << 16):
+    """(PP_PAD, C_PAD, BLOCK_P, ITERS, num_warps, grid) of ``_fwd_kernel`` over R patches of U*P*P pixels.
 
     Measured on an H200 (N=256, 224x224, bf16, p=16 and 14) with the kernel that stored the diff of
     counted rows: one patch per program with a single warp was fastest (67 us vs 75 us for two patches
     and two warps, 79-118 us for a flat image-order tile). Not re-measured since the kernel writes the
-    gradient of every row.
+    gradient of every row. Video tubelets (U > 1) not measured.
     """
-    pp_pad, c_pad = triton.next_power_of_2(P * P), triton.next_power_of_2(C)
+    pp_pad, c_pad = triton.next_power_of_2(U * P * P), triton.next_power_of_2(C)
     block_p = max(1, min(16, tile // (pp_pad * c_pad)))
     num_warps = max(1, min(8, block_p * pp_pad * c_pad // 1024))
     iters, grid = _rows_per_program(R, block_p, max_programs)

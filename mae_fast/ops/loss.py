@@ -1,14 +1,21 @@
 """Fused normalized-pixel loss: patchify, per-patch statistics, MSE, masked mean and gradient in one pass.
 
-``norm_pix_loss(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6, ids_masked=None)`` equals the
-official MAE ``forward_loss`` (``mae_fast.reference.patch_loss``) without building the patchified target:
-``imgs [N, C, H, W]`` is read in place, one pass computes each patch's loss and its gradient.
+``norm_pix_loss(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6, ids_masked=None, *, t_patch_size=1)``
+equals the official MAE ``forward_loss`` (``mae_fast.reference.patch_loss``) without building the
+patchified target: ``imgs [N, C, H, W]`` is read in place, one pass computes each patch's loss and its
+gradient.
+
+Video: ``imgs [N, C, T, H, W]`` with tubelets of u = ``t_patch_size`` frames (T' = T/u, h = H/p, w = W/p):
+token l is (slot, row, column) = (l // (h*w), (l % (h*w)) // w, l % w), L = T'*h*w, D = u*p*p*C and the
+target vector is in (frame, row, column, channel) order, the reference video patchify
+``imgs.reshape(N, C, T', u, h, p, w, p).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(N, L, D)``. An image is
+the case T = u = 1 (D = p*p*C in (row, column, channel) order). Everything below holds for both.
 
 Two forms:
-- full: ``pred [N, L, p*p*C]`` for every patch, ``mask [N, L]`` weights (1 = counted);
+- full: ``pred [N, L, D]`` for every patch, ``mask [N, L]`` weights (1 = counted);
   loss = sum(row_loss * mask) / sum(mask).
-- masked-only: ``pred [N, M, p*p*C]`` for the removed patches only, ``ids_masked [N, M]`` naming them
-  (row-major patch index); every named patch counts with weight 1, loss = sum(row_loss) / (N * M).
+- masked-only: ``pred [N, M, D]`` for the removed patches only, ``ids_masked [N, M]`` naming them
+  (token index as above); every named patch counts with weight 1, loss = sum(row_loss) / (N * M).
   ``mask`` may then be None; if a mask is given it must have shape [N, L] and its values are not read
   (with checks on they are compared with ``ids_masked``: 1 at every named patch, M ones per sample).
 
@@ -81,12 +88,13 @@ __all__ = ["norm_pix_loss", "norm_pix_loss_torch"]
 # ---------------------------------------------------------------------------------------------
 # plain torch path (CPU path and the same-dtype test oracle)
 # ---------------------------------------------------------------------------------------------
-def _patch_targets(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """imgs [N, C, H, W] -> fp32 targets [N, L, p*p*C] in patchify order."""
-    n, c, h, w = imgs.shape
-    x = imgs.float().reshape(n, c, h // p, p, w // p, p)  # [N, C, h, p, w, p]
-    x = x.permute(0, 2, 4, 3, 5, 1)  # [N, h, w, p, p, C]
-    return x.reshape(n, (h // p) * (w // p), p * p * c)  # [N, L, D]
+def _patch_targets(imgs: torch.Tensor, p: int, u: int = 1) -> torch.Tensor:
+    """imgs [N, C, H, W] or [N, C, T, H, W] -> fp32 targets [N, L, u*p*p*C] in patchify order (u, p, p, C)."""
+    v = imgs.unsqueeze(2) if imgs.dim() == 4 else imgs  # [N, C, T, H, W], T = 1 for an image
+    n, c, t, h, w = v.shape
+    x = v.float().reshape(n, c, t // u, u, h // p, p, w // p, p)  # [N, C, T', u, h, p, w, p]
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [N, T', h, w, u, p, p, C]
+    return x.reshape(n, (t // u) * (h // p) * (w // p), u * p * p * c)  # [N, L, D]
 
 
 def _pow2_scale_torch(den: torch.Tensor, d: int) -> torch.Tensor:
@@ -96,14 +104,14 @@ def _pow2_scale_torch(den: torch.Tensor, d: int) -> torch.Tensor:
     return torch.where((x >= 1.0) & (x < 1e30), p2, 1.0)
 
 
-def _fwd_torch(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, write_grad: bool = True):
+def _fwd_torch(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, write_grad: bool = True, u: int = 1):
     """(loss fp32 [], gbuf [N, Lp, D] in pred's dtype or None, unscale fp32 []): see the module docstring.
 
     Works in place on its own fp32 target copy: patchify (one copy), statistics, normalise, diff and
     gradient reuse that one buffer.
     """
     n, lp, d = pred.shape
-    t = _patch_targets(imgs, p)  # [N, L, D] fp32
+    t = _patch_targets(imgs, p, u)  # [N, L, D] fp32
     if ids is not None:
         t = t.gather(1, ids.long()[:, :, None].expand(n, lp, d))  # [N, M, D], a new tensor
         w = torch.ones(n, lp, dtype=torch.float32, device=pred.device)  # [N, M]
@@ -138,10 +146,10 @@ def _bwd_torch(gbuf, unscale, grad_loss):
     return (gbuf.float() * (grad_loss.float() * unscale.float())).to(gbuf.dtype)
 
 
-def norm_pix_loss_torch(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6, ids_masked=None):
+def norm_pix_loss_torch(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6, ids_masked=None, *, t_patch_size=1):
     """The plain torch formula (fp32 statistics), no autograd wrapper: loss only."""
     weight = None if ids_masked is not None else mask
-    return _fwd_torch(pred, imgs, weight, ids_masked, patch_size, norm_pix, eps)[0]
+    return _fwd_torch(pred, imgs, weight, ids_masked, patch_size, norm_pix, eps, u=t_patch_size)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,14 +159,18 @@ def _kernel(fn, wrap: bool):
     return torch.library.wrap_triton(fn) if wrap else fn
 
 
-def _fwd_triton(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, wrap: bool, write_grad: bool = True):
+def _fwd_triton(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, wrap: bool, write_grad: bool = True,
+                u: int = 1):
     """Forward kernels: (loss fp32 [], gbuf [N, Lp, D] in pred's dtype or None, unscale fp32 [])."""
     n, lp, d = pred.shape
-    c, h, w = imgs.shape[1], imgs.shape[2], imgs.shape[3]
+    c, h, w = imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
+    t = imgs.shape[2] if imgs.dim() == 5 else 1
+    si_t = imgs.stride(2) if imgs.dim() == 5 else 0  # an image is one frame: its time stride is never used
     gw = w // p
+    hw = (h // p) * gw  # tokens per time slot
     rows = n * lp
     dev = pred.device
-    pp_pad, c_pad, block_p, iters, num_warps, grid = _k.fwd_config(rows, p, c)
+    pp_pad, c_pad, block_p, iters, num_warps, grid = _k.fwd_config(rows, p, c, u)
     part = torch.empty((grid,), dtype=torch.float32, device=dev)  # [G] loss partials
     loss = torch.empty((), dtype=torch.float32, device=dev)
     unscale = torch.empty((), dtype=torch.float32, device=dev)
@@ -176,12 +188,12 @@ def _fwd_triton(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, wra
     _kernel(_k._fwd_kernel, wrap)[(grid,)](
         pred, imgs, weight if has_w else part, ids if has_ids else part, den,
         gbuf if write_grad else part, part,
-        rows, lp, (h // p) * gw, gw,
+        rows, lp, (t // u) * hw, hw, gw,
         pred.stride(0), pred.stride(1), pred.stride(2),
-        imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
+        imgs.stride(0), imgs.stride(1), si_t, imgs.stride(-2), imgs.stride(-1),
         sid_n, sid_m,
         eps,
-        P=p, C=c, PP_PAD=pp_pad, C_PAD=c_pad, BLOCK_P=block_p, ITERS=iters,
+        P=p, U=u, C=c, PP_PAD=pp_pad, C_PAD=c_pad, BLOCK_P=block_p, ITERS=iters,
         HAS_W=has_w, HAS_IDS=has_ids, NORM=norm_pix, WRITE_GRAD=write_grad, PRESCALE=prescale,
         num_warps=num_warps,
     )
@@ -215,11 +227,12 @@ def _norm_pix_loss_fwd(
     patch_size: int,
     norm_pix: bool,
     eps: float,
+    t_patch_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss fp32 [], gbuf [N, Lp, D] = the gradient for grad_output 1 (times s in fp16), unscale fp32 [])."""
     if not use_triton(pred):
-        return _fwd_torch(pred, imgs, weight, ids, patch_size, norm_pix, eps)
-    return _fwd_triton(pred, imgs, weight, ids, patch_size, norm_pix, eps, wrap=True)
+        return _fwd_torch(pred, imgs, weight, ids, patch_size, norm_pix, eps, u=t_patch_size)
+    return _fwd_triton(pred, imgs, weight, ids, patch_size, norm_pix, eps, wrap=True, u=t_patch_size)
 
 
 @torch.library.triton_op("mae_fast::norm_pix_loss_bwd", mutates_args=())
@@ -240,7 +253,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_gbuf, grad_unscale):
     gbuf, unscale = ctx.saved_tensors
     grad_pred = _norm_pix_loss_bwd(gbuf, unscale, grad_loss) if ctx.needs_input_grad[0] else None
-    return grad_pred, None, None, None, None, None, None
+    return grad_pred, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mae_fast::norm_pix_loss_fwd", _backward, setup_context=_setup_context)
@@ -255,11 +268,11 @@ _SECOND_BACKWARD = (
 )
 
 
-def _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=True):
+def _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=True, u=1):
     """The forward of whichever path ``pred``'s device takes (Triton kernels, or the torch path)."""
     if use_triton(pred):
-        return _fwd_triton(pred, imgs, weight, ids, p, norm_pix, eps, wrap=False, write_grad=write_grad)
-    return _fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=write_grad)
+        return _fwd_triton(pred, imgs, weight, ids, p, norm_pix, eps, wrap=False, write_grad=write_grad, u=u)
+    return _fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=write_grad, u=u)
 
 
 class _EagerNormPixLoss(torch.autograd.Function):
@@ -277,8 +290,8 @@ class _EagerNormPixLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, imgs, weight, ids, p, norm_pix, eps):
-        loss, gbuf, unscale = _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps)
+    def forward(ctx, pred, imgs, weight, ids, p, norm_pix, eps, u):
+        loss, gbuf, unscale = _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps, u=u)
         ctx.gbuf, ctx.unscale = gbuf, unscale
         return loss
 
@@ -289,25 +302,25 @@ class _EagerNormPixLoss(torch.autograd.Function):
             raise RuntimeError(_SECOND_BACKWARD)
         ctx.gbuf = None
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if use_triton(gbuf):
             grad_pred = _scale_triton(gbuf, ctx.unscale, grad_loss, gbuf, wrap=False)  # in place
         else:
             factor = grad_loss.float() * ctx.unscale  # a CPU scalar: comparing it costs no sync
             grad_pred = gbuf if bool(factor == 1.0) else gbuf.mul_(factor)
         del gbuf
-        return grad_pred, None, None, None, None, None, None
+        return grad_pred, None, None, None, None, None, None, None
 
 
 _EAGER_FAST_PATH = True
 
 
-def _loss(pred, imgs, weight, ids, p, norm_pix, eps):
+def _loss(pred, imgs, weight, ids, p, norm_pix, eps, u):
     if _EAGER_FAST_PATH and not _is_compiling():
         if not (pred.requires_grad and torch.is_grad_enabled()):  # loss only: no gradient buffer written
-            return _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=False)[0]
-        return _EagerNormPixLoss.apply(pred, imgs, weight, ids, p, norm_pix, eps)
-    return _norm_pix_loss_fwd(pred, imgs, weight, ids, p, norm_pix, eps)[0]
+            return _fwd_any(pred, imgs, weight, ids, p, norm_pix, eps, write_grad=False, u=u)[0]
+        return _EagerNormPixLoss.apply(pred, imgs, weight, ids, p, norm_pix, eps, u)
+    return _norm_pix_loss_fwd(pred, imgs, weight, ids, p, norm_pix, eps, u)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,18 +333,22 @@ def _is_compiling() -> bool:
         return False
 
 
-def _check_imgs_finite(imgs: torch.Tensor, p: int, counted: torch.Tensor) -> None:
-    """ValueError if a counted patch (``counted [N, L]`` bool) of imgs holds a NaN or an infinity (a sync)."""
+def _check_imgs_finite(imgs: torch.Tensor, p: int, counted: torch.Tensor, u: int = 1) -> None:
+    """ValueError if a counted patch or tubelet (``counted [N, L]`` bool) of imgs holds a NaN or an infinity
+    (a sync)."""
     if bool(torch.isfinite(imgs.sum(dtype=torch.float32))):  # a NaN or inf anywhere makes the sum non-finite
         return
-    n, c, h, w = imgs.shape
-    bad = ~torch.isfinite(imgs).reshape(n, c, h // p, p, w // p, p)  # [N, C, h, p, w, p]
-    bad = (bad.sum(dim=(1, 3, 5)) > 0).reshape(n, -1) & counted  # [N, L]
+    video = imgs.dim() == 5
+    clip = imgs if video else imgs.unsqueeze(2)  # [N, C, T, H, W]
+    n, c, t, h, w = clip.shape
+    bad = ~torch.isfinite(clip).reshape(n, c, t // u, u, h // p, p, w // p, p)  # [N, C, T', u, h, p, w, p]
+    bad = (bad.sum(dim=(1, 3, 5, 7)) > 0).reshape(n, -1) & counted  # [N, L]
     if bool(bad.any()):
         b, l = (int(v) for v in bad.nonzero()[0])
+        what, unit, units = ("clip", "tubelet", "tubelet(s)") if video else ("image", "patch", "patch(es)")
         raise ValueError(
-            f"imgs has non-finite values (NaN or inf) in {int(bad.sum())} counted patch(es), the first in "
-            f"image {b}, patch {l}: the loss would not be finite"
+            f"imgs has non-finite values (NaN or inf) in {int(bad.sum())} counted {units}, the first in "
+            f"{what} {b}, {unit} {l}: the loss would not be finite"
         )
 
 
@@ -344,35 +361,55 @@ def norm_pix_loss(
     eps: float = 1e-6,
     ids_masked: Optional[torch.Tensor] = None,
     *,
+    t_patch_size: int = 1,
     check: Optional[bool] = None,
 ) -> torch.Tensor:
     """MAE reconstruction loss read straight from ``imgs``; returns a float32 scalar, autograd to ``pred``.
 
-    pred [N, L, p*p*C] with mask [N, L] (1 = counted), or pred [N, M, p*p*C] with ids_masked [N, M]
-    (mask then optional and unread). ``check``: run the checks that need a device sync (default: on
-    for CPU tensors, else ``MAE_FAST_CHECK_INDICES``; they include a NaN/inf check of the counted patches
-    of ``imgs``). Eager CUDA calls support one backward per forward. See the module docstring.
+    imgs [N, C, H, W] (D = p*p*C), or a video [N, C, T, H, W] with tubelets of u = ``t_patch_size`` frames
+    (D = u*p*p*C; u must be 1 for 4-D imgs). pred [N, L, D] with mask [N, L] (1 = counted), or pred
+    [N, M, D] with ids_masked [N, M] (mask then optional and unread). ``check``: run the checks that need
+    a device sync (default: on for CPU tensors, else ``MAE_FAST_CHECK_INDICES``; they include a NaN/inf
+    check of the counted patches of ``imgs``). Eager CUDA calls support one backward per forward. See the
+    module docstring.
     """
     check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("imgs", imgs, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("imgs", imgs, dtypes=FLOAT_DTYPES)
+    if imgs.dim() not in (4, 5):
+        raise ValueError(
+            f"imgs must have 4 dims ([N, C, H, W]) or 5 dims ([N, C, T, H, W]), got shape {list(imgs.shape)}"
+        )
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if isinstance(t_patch_size, bool) or not isinstance(t_patch_size, int):
+        raise TypeError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
+    if t_patch_size < 1:
+        raise ValueError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    p = patch_size
-    n, c, h, w = imgs.shape
+    p, u = patch_size, t_patch_size
+    shape = ", ".join(map(str, imgs.shape))
+    n, c, h, w = imgs.shape[0], imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
+    if imgs.dim() == 4 and u != 1:
+        raise ValueError(
+            f"t_patch_size must be 1 for 4-D imgs [N, C, H, W], got {u} (pass a video as [N, C, T, H, W])"
+        )
+    t = imgs.shape[2] if imgs.dim() == 5 else 1
+    if t % u or t == 0:
+        raise ValueError(
+            f"imgs time size T must be a positive multiple of t_patch_size={u}, got imgs shape [{shape}]"
+        )
     if h % p or w % p or h == 0 or w == 0:
         raise ValueError(
-            f"imgs height and width must be positive multiples of patch_size={p}, got imgs shape "
-            f"[{n}, {c}, {h}, {w}]"
+            f"imgs height and width must be positive multiples of patch_size={p}, got imgs shape [{shape}]"
         )
     if c < 1:
-        raise ValueError(f"imgs must have at least one channel, got imgs shape [{n}, {c}, {h}, {w}]")
-    num_patches = (h // p) * (w // p)
-    d = p * p * c
+        raise ValueError(f"imgs must have at least one channel, got imgs shape [{shape}]")
+    num_patches = (t // u) * (h // p) * (w // p)
+    d = u * p * p * c
     if norm_pix and d < 2:
-        raise ValueError(f"norm_pix needs at least 2 values per patch (p*p*C), got {d}")
+        raise ValueError(f"norm_pix needs at least 2 values per patch (u*p*p*C), got {d}")
     if ids_masked is None:
         if mask is None:
             raise ValueError("mask must be given (shape [N, L]) unless ids_masked is given")
@@ -402,8 +439,8 @@ def norm_pix_loss(
         if do_check and not bool(weight.sum() != 0):
             raise ValueError("mask is empty (sum(mask) == 0): the masked mean is undefined")
         if do_check:
-            _check_imgs_finite(imgs, p, weight != 0)
-        return _loss(pred, imgs, weight, None, p, bool(norm_pix), eps)
+            _check_imgs_finite(imgs, p, weight != 0, u)
+        return _loss(pred, imgs, weight, None, p, bool(norm_pix), eps, u)
     else:
         if do_check:
             check_index_range("ids_masked", ids_masked, num_patches)
@@ -416,5 +453,5 @@ def norm_pix_loss(
                         f"{m} ones per sample"
                     )
             counted = torch.zeros(n, num_patches, dtype=torch.bool, device=imgs.device)  # [N, L]
-            _check_imgs_finite(imgs, p, counted.scatter_(1, ids_masked.long(), True))
-        return _loss(pred, imgs, None, ids_masked, p, bool(norm_pix), eps)
+            _check_imgs_finite(imgs, p, counted.scatter_(1, ids_masked.long(), True), u)
+        return _loss(pred, imgs, None, ids_masked, p, bool(norm_pix), eps, u)

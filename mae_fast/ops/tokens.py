@@ -2,9 +2,11 @@
 
 - ``gather_tokens(x, ids_keep, pos_embed=None, prefix=None)``: x [N, L, D] -> [N, P+K, D]: prefix rows
   (e.g. cls_token + pos_embed[:, :1]) then x at ids_keep (+ pos_embed at ids_keep).
-- ``gather_patches(imgs, ids_keep, patch_size)``: imgs [N, C, H, W] -> [N, K, C*p*p], raw pixels of the
-  visible patches in the (C, p, p) order of ``proj.weight.flatten(1)``: the visible-only patch embedding is
-  ``F.linear(gather_patches(imgs, ids, p), proj.weight.flatten(1), proj.bias)``.
+- ``gather_patches(imgs, ids_keep, patch_size, *, t_patch_size=1)``: imgs [N, C, H, W] -> [N, K, C*p*p], or
+  a video [N, C, T, H, W] -> [N, K, C*u*p*p] (tubelets of u = t_patch_size frames), raw pixels of the
+  visible patches in the (C, (u,) p, p) order of ``proj.weight.flatten(1)`` (Conv2d, or Conv3d for video):
+  the visible-only patch embedding is ``F.linear(gather_patches(imgs, ids, p), proj.weight.flatten(1),
+  proj.bias)``.
 - ``unshuffle_tokens(x, ids_restore, mask_token, pos_embed=None, num_prefix=1)``: x [N, P+K, D] ->
   [N, P+L, D]: prefix rows, then kept tokens back in place and mask_token elsewhere (+ pos_embed).
 
@@ -213,57 +215,70 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor] = Non
 
 
 # =========================================================================== gather_patches
-def _gather_patches_torch(imgs: Tensor, ids_keep: Tensor, patch_size: int) -> Tensor:
-    """Plain torch forward (CPU path and oracle): [N, C, H, W] -> [N, K, C*p*p] in (C, p, p) order."""
-    N, C, H, W = imgs.shape
-    p = patch_size
+def _as_video(imgs: Tensor) -> Tensor:
+    """[N, C, H, W] -> [N, C, 1, H, W] (a view); [N, C, T, H, W] as is."""
+    return imgs.unsqueeze(2) if imgs.dim() == 4 else imgs
+
+
+def _gather_patches_torch(imgs: Tensor, ids_keep: Tensor, patch_size: int, t_patch_size: int = 1) -> Tensor:
+    """Plain torch forward (CPU path and oracle): [N, C, (T,) H, W] -> [N, K, C*u*p*p] in (C, u, p, p) order."""
+    v = _as_video(imgs)  # [N, C, T, H, W]
+    N, C, T, H, W = v.shape
+    p, u = patch_size, t_patch_size
     h, w = H // p, W // p
-    x = imgs.reshape(N, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # [N, h, w, C, p, p]
-    x = x.reshape(N, h * w, C * p * p)  # [N, L, C*p*p]
-    return torch.gather(x, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, C * p * p))  # [N, K, C*p*p]
+    E = C * u * p * p
+    x = v.reshape(N, C, T // u, u, h, p, w, p).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [N, T', h, w, C, u, p, p]
+    x = x.reshape(N, (T // u) * h * w, E)  # [N, L, C*u*p*p]
+    return torch.gather(x, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, E))  # [N, K, C*u*p*p]
 
 
-def _gather_patches_bwd_torch(grad: Tensor, ids_keep: Tensor, C: int, H: int, W: int, patch_size: int) -> Tensor:
+def _gather_patches_bwd_torch(grad: Tensor, ids_keep: Tensor, C: int, T: int, H: int, W: int, patch_size: int,
+                              t_patch_size: int) -> Tensor:
+    """-> grad_imgs [N, C, T, H, W] (T = 1 for an image), contiguous."""
     N, K, E = grad.shape
-    p = patch_size
+    p, u = patch_size, t_patch_size
     h, w = H // p, W // p
-    gx = torch.zeros(N, h * w, E, dtype=grad.dtype, device=grad.device)
-    gx.scatter_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, E), grad)  # [N, L, C*p*p]
-    gx = gx.reshape(N, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)  # [N, C, h, p, w, p]
-    return gx.reshape(N, C, H, W).contiguous()
+    gx = torch.zeros(N, (T // u) * h * w, E, dtype=grad.dtype, device=grad.device)
+    gx.scatter_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, E), grad)  # [N, L, C*u*p*p]
+    gx = gx.reshape(N, T // u, h, w, C, u, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)  # [N, C, T', u, h, p, w, p]
+    return gx.reshape(N, C, T, H, W).contiguous()
 
 
 @torch.library.triton_op("mae_fast::gather_patches", mutates_args=())
-def _gather_patches_op(imgs: Tensor, ids_keep: Tensor, patch_size: int) -> Tensor:
+def _gather_patches_op(imgs: Tensor, ids_keep: Tensor, patch_size: int, t_patch_size: int = 1) -> Tensor:
     if not use_triton(imgs):
-        return _gather_patches_torch(imgs, ids_keep, patch_size)
-    N, C, H, W = imgs.shape
-    p = patch_size
+        return _gather_patches_torch(imgs, ids_keep, patch_size, t_patch_size)
+    N, C = imgs.shape[0], imgs.shape[1]
+    H, W = imgs.shape[-2], imgs.shape[-1]
+    sit = imgs.stride(2) if imgs.dim() == 5 else 0  # an image has one frame: its time stride is never used
+    p, u = patch_size, t_patch_size
     K = ids_keep.shape[1]
-    E = C * p * p
-    out = torch.empty((N, K, E), dtype=imgs.dtype, device=imgs.device)  # [N, K, C*p*p]
+    E = C * u * p * p
+    out = torch.empty((N, K, E), dtype=imgs.dtype, device=imgs.device)  # [N, K, C*u*p*p]
     if out.numel() == 0:
         return out
     block_r, block_e, warps = _kp.blocks(E)
     grid = (triton_cdiv(N * K, block_r), triton_cdiv(E, block_e))
     _wrap(_kp.gather_patches_fwd_kernel)[grid](
         imgs, ids_keep, out,
-        N * K, K, E, W // p,
-        imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
+        N * K, K, E, W // p, (H // p) * (W // p),
+        imgs.stride(0), imgs.stride(1), sit, imgs.stride(-2), imgs.stride(-1),
         ids_keep.stride(0), ids_keep.stride(1),
-        PATCH=p, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
+        PATCH=p, TUBE=u, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
     )
     return out
 
 
 @torch.library.triton_op("mae_fast::gather_patches_backward", mutates_args=())
-def _gather_patches_bwd_op(grad: Tensor, ids_keep: Tensor, C: int, H: int, W: int, patch_size: int) -> Tensor:
+def _gather_patches_bwd_op(grad: Tensor, ids_keep: Tensor, C: int, T: int, H: int, W: int, patch_size: int,
+                           t_patch_size: int) -> Tensor:
+    """-> grad_imgs [N, C, T, H, W] in grad's dtype (T = 1 for an image)."""
     if not use_triton(grad):
-        return _gather_patches_bwd_torch(grad, ids_keep, C, H, W, patch_size)
+        return _gather_patches_bwd_torch(grad, ids_keep, C, T, H, W, patch_size, t_patch_size)
     N, K, E = grad.shape
-    p = patch_size
-    L = (H // p) * (W // p)
-    gi = torch.empty((N, C, H, W), dtype=grad.dtype, device=grad.device)  # [N, C, H, W]
+    p, u = patch_size, t_patch_size
+    L = (T // u) * (H // p) * (W // p)
+    gi = torch.empty((N, C, T, H, W), dtype=grad.dtype, device=grad.device)  # [N, C, T, H, W]
     if gi.numel() == 0:
         return gi
     inv = _inverse(ids_keep, L)  # [N, L]
@@ -271,54 +286,73 @@ def _gather_patches_bwd_op(grad: Tensor, ids_keep: Tensor, C: int, H: int, W: in
     grid = (triton_cdiv(N * L, block_r), triton_cdiv(E, block_e))
     _wrap(_kp.gather_patches_bwd_kernel)[grid](
         grad, inv, gi,
-        N * L, L, E, W // p, H, W,
+        N * L, L, E, W // p, (H // p) * (W // p), T, H, W,
         *_strides3(grad),
-        PATCH=p, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
+        PATCH=p, TUBE=u, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
     )
     return gi
 
 
 def _gather_patches_setup(ctx, inputs, output):
-    imgs, ids_keep, patch_size = inputs
+    imgs, ids_keep, patch_size, t_patch_size = inputs
     ctx.save_for_backward(ids_keep)
     ctx.shape = tuple(imgs.shape)
     ctx.dtype = imgs.dtype
     ctx.patch_size = patch_size
+    ctx.t_patch_size = t_patch_size
 
 
 def _gather_patches_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return None, None, None
-    _, C, H, W = ctx.shape
-    gi = torch.ops.mae_fast.gather_patches_backward(grad, ids_keep, C, H, W, ctx.patch_size)
-    return gi.to(ctx.dtype), None, None
+        return None, None, None, None
+    C, H, W = ctx.shape[1], ctx.shape[-2], ctx.shape[-1]
+    T = ctx.shape[2] if len(ctx.shape) == 5 else 1
+    gi = torch.ops.mae_fast.gather_patches_backward(grad, ids_keep, C, T, H, W, ctx.patch_size, ctx.t_patch_size)
+    return gi.reshape(ctx.shape).to(ctx.dtype), None, None, None  # [N, C, (T,) H, W]
 
 
 torch.library.register_autograd(
     "mae_fast::gather_patches", _gather_patches_backward, setup_context=_gather_patches_setup)
 
 
-def gather_patches(imgs: Tensor, ids_keep: Tensor, patch_size: int, *, check_indices: Optional[bool] = None) -> Tensor:
-    """Raw pixels of the visible patches: imgs [N, C, H, W], ids_keep [N, K] -> [N, K, C*p*p].
+def gather_patches(imgs: Tensor, ids_keep: Tensor, patch_size: int, *, t_patch_size: int = 1,
+                   check_indices: Optional[bool] = None) -> Tensor:
+    """Raw pixels of the visible patches (tubelets): imgs [N, C, H, W] or [N, C, T, H, W], ids_keep [N, K]
+    -> [N, K, C*u*p*p] (u = t_patch_size; 1, the only value allowed, for 4-D imgs).
 
-    Patch t is (row, col) = divmod(t, W // p) of the row-major grid; the vector is in (C, p, p) order, the
-    order of ``patch_embed.proj.weight.flatten(1)`` (not the order of ``reference.patchify``).
+    Token l is (s, r, c) = (l // (h*w), (l % (h*w)) // w, l % w) with h = H/p, w = W/p (s = 0 for an
+    image: the row-major patch grid); L = (T/u) * h * w. The vector is in (C, u, p, p) order, the order of
+    ``patch_embed.proj.weight.flatten(1)`` of a Conv2d (image) or Conv3d (video, kernel (u, p, p)), not
+    the order of ``reference.patchify``.
     """
-    check_tensor("imgs", imgs, ndim=4, dtypes=FLOAT_DTYPES)
-    N, C, H, W = imgs.shape
+    check_tensor("imgs", imgs, dtypes=FLOAT_DTYPES)
+    if imgs.dim() not in (4, 5):
+        raise ValueError(f"imgs must have 4 dims ([N, C, H, W]) or 5 dims ([N, C, T, H, W]), "
+                         f"got shape {list(imgs.shape)}")
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise TypeError(f"patch_size must be a positive int, got {patch_size!r}")
+    if isinstance(t_patch_size, bool) or not isinstance(t_patch_size, int):
+        raise TypeError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
+    if t_patch_size < 1:
+        raise ValueError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
+    N, C, H, W = imgs.shape[0], imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
+    if imgs.dim() == 4 and t_patch_size != 1:
+        raise ValueError(f"t_patch_size must be 1 for 4-D imgs [N, C, H, W], got {t_patch_size} "
+                         f"(pass a video as [N, C, T, H, W])")
+    T = imgs.shape[2] if imgs.dim() == 5 else 1
+    if T % t_patch_size:
+        raise ValueError(f"imgs time size T={T} is not divisible by t_patch_size {t_patch_size}")
     if H % patch_size or W % patch_size:
         raise ValueError(f"imgs spatial size ({H}, {W}) is not divisible by patch_size {patch_size}")
-    L = (H // patch_size) * (W // patch_size)
+    L = (T // t_patch_size) * (H // patch_size) * (W // patch_size)
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, device=imgs.device)
     check_shape("ids_keep", ids_keep, (N, None))
     if ids_keep.shape[1] > L:
         raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} patches but imgs has only L={L}")
     if check_indices_enabled(check_indices):
         _check_distinct("ids_keep", ids_keep, L)
-    return torch.ops.mae_fast.gather_patches(imgs, ids_keep, patch_size)
+    return torch.ops.mae_fast.gather_patches(imgs, ids_keep, patch_size, t_patch_size)
 
 
 # =========================================================================== unshuffle_tokens

@@ -1,5 +1,5 @@
-"""Tests of mae_fast.ops.norm_pix_loss: float64 oracle, reference forward_loss, Triton under the
-interpreter, compile, bad inputs. Run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU."""
+"""Tests of mae_fast.ops.norm_pix_loss: float64 oracle, reference forward_loss, images and video tubelets,
+Triton under the interpreter, compile, bad inputs. Run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU."""
 import gc
 import os
 import subprocess
@@ -31,10 +31,23 @@ def oracle_targets(imgs, p):
     return torch.stack(rows, dim=1)  # [N, L, D]
 
 
-def oracle(pred, imgs, mask, p, norm_pix=True, eps=1e-6, ids=None):
-    """(loss, grad_pred) in float64 by autograd on the textbook formula."""
+def oracle_targets_video(imgs, p, u):
+    """[N, L, u*p*p*C] float64 by explicit slicing: tubelets (slot, row, column) in that order, (frame, row,
+    column, channel) inside."""
+    n, c, t, h, w = imgs.shape
+    rows = []
+    for s in range(t // u):
+        for i in range(h // p):
+            for j in range(w // p):
+                tube = imgs[:, :, s * u:(s + 1) * u, i * p:(i + 1) * p, j * p:(j + 1) * p].double()  # [N, C, u, p, p]
+                rows.append(tube.permute(0, 2, 3, 4, 1).reshape(n, -1))  # [N, u*p*p*C]
+    return torch.stack(rows, dim=1)  # [N, L, D]
+
+
+def oracle(pred, imgs, mask, p, norm_pix=True, eps=1e-6, ids=None, u=1):
+    """(loss, grad_pred) in float64 by autograd on the textbook formula (imgs 4-D, or 5-D with tubelets of u)."""
     x = pred.detach().double().requires_grad_(True)
-    t = oracle_targets(imgs, p)
+    t = oracle_targets(imgs, p) if imgs.dim() == 4 else oracle_targets_video(imgs, p, u)
     if ids is not None:
         t = torch.stack([t[b, ids[b].long()] for b in range(t.shape[0])])  # [N, M, D]
         w = torch.ones(t.shape[:2], dtype=torch.float64)
@@ -65,6 +78,23 @@ def make_inputs(n, c, h, w, p, dtype=torch.float32, ratio=0.75, seed=0, img_dtyp
     return pred, imgs, mask, ids_masked
 
 
+def make_video_inputs(n, c, t, h, w, p, u, dtype=torch.float32, ratio=0.75, seed=0):
+    """(pred [N, L, u*p*p*C], video [N, C, T, H, W], mask [N, L], ids_masked [N, M]) with L = T/u * h * w."""
+    g = torch.Generator().manual_seed(seed)
+    L = (t // u) * (h // p) * (w // p)
+    d = u * p * p * c
+    vid = (torch.rand(n, c, t, h, w, generator=g) * 2 + 0.5).to(dtype)
+    pred = torch.randn(n, L, d, generator=g).to(dtype)
+    k = int(L * (1 - ratio))
+    ids_shuffle = torch.rand(n, L, generator=g).argsort(1)
+    mask = torch.ones(n, L).scatter_(1, ids_shuffle[:, :k], 0.0)
+    return pred, vid, mask, ids_shuffle[:, k:]
+
+
+def masked_rows(pred, ids):
+    return torch.stack([pred[b, ids[b]] for b in range(pred.shape[0])])  # [N, M, D]
+
+
 def run(pred, imgs, mask, p, **kw):
     """(loss, grad_pred) of the op."""
     x = pred.detach().clone().requires_grad_(True)
@@ -73,10 +103,10 @@ def run(pred, imgs, mask, p, **kw):
     return loss.detach(), x.grad
 
 
-def run_torch_same_dtype(pred, imgs, mask, p, norm_pix=True, eps=1e-6, ids=None):
+def run_torch_same_dtype(pred, imgs, mask, p, norm_pix=True, eps=1e-6, ids=None, u=1):
     """The plain torch path in the op's dtype (for assert_close_to_oracle)."""
     weight = None if ids is not None else mask
-    loss, gbuf, unscale = loss_mod._fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps)
+    loss, gbuf, unscale = loss_mod._fwd_torch(pred, imgs, weight, ids, p, norm_pix, eps, u=u)
     grad = loss_mod._bwd_torch(gbuf, unscale, torch.ones((), dtype=torch.float32))
     return loss, grad
 
@@ -161,6 +191,175 @@ def test_mixed_dtypes_bf16_pred_fp32_imgs():
     assert grad.dtype == torch.bfloat16 and rel_err(grad, ref_grad) < 2 ** -7
 
 
+# ------------------------------------------------------------------------------ video (tubelets)
+VIDEO_SHAPES = [
+    # n, c, t, h, w, p, u
+    (2, 3, 4, 16, 24, 8, 2),  # u = 2, non-square frame, D = 384
+    (2, 3, 3, 16, 8, 8, 1),  # u = 1 with an odd T, D = 192
+    (3, 1, 4, 8, 16, 4, 2),  # C = 1, D = 32
+]
+
+
+@pytest.mark.parametrize("shape", VIDEO_SHAPES)
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_video_fp32_against_float64_oracle(shape, norm_pix, form):
+    n, c, t, h, w, p, u = shape
+    pred, vid, mask, ids = make_video_inputs(n, c, t, h, w, p, u, seed=sum(shape))
+    if form == "full":
+        loss, grad = run(pred, vid, mask, p, norm_pix=norm_pix, t_patch_size=u)
+        ref_loss, ref_grad = oracle(pred, vid, mask, p, norm_pix=norm_pix, u=u)
+    else:
+        pred = masked_rows(pred, ids)
+        loss, grad = run(pred, vid, None, p, norm_pix=norm_pix, ids_masked=ids, t_patch_size=u)
+        ref_loss, ref_grad = oracle(pred, vid, None, p, norm_pix=norm_pix, ids=ids, u=u)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert grad.dtype == torch.float32 and grad.shape == pred.shape
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_video_bf16_against_oracle(form):
+    n, c, t, h, w, p, u = VIDEO_SHAPES[0]
+    pred, vid, mask, ids = make_video_inputs(n, c, t, h, w, p, u, dtype=torch.bfloat16, seed=3)
+    if form == "masked":
+        pred = masked_rows(pred, ids)
+        mask_arg, kw, oids = None, {"ids_masked": ids}, ids
+    else:
+        mask_arg, kw, oids = mask, {}, None
+    loss, grad = run(pred, vid, mask_arg, p, t_patch_size=u, **kw)
+    ref_loss, ref_grad = oracle(pred, vid, mask_arg, p, ids=oids, u=u)
+    _, same_grad = run_torch_same_dtype(pred, vid, mask_arg, p, ids=oids, u=u)
+    assert grad.dtype == torch.bfloat16
+    assert rel_err(loss, ref_loss) < 1e-5
+    ulp = 2.0 ** -7
+    assert_close_to_oracle(grad, ref_grad, same_grad, atol=ulp * ref_grad.abs().max().item(), name="grad")
+    assert rel_err(grad, ref_grad) < ulp
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_video_matches_reference_patchify_formula(norm_pix):
+    """Equal to the reference-style video loss: patchify by reshape + permute, then forward_loss; the
+    masked-only form gives the same value and the full gradient's masked rows."""
+    n, c, t, h, w, p, u = 2, 3, 4, 16, 24, 8, 2
+    pred, vid, mask, ids = make_video_inputs(n, c, t, h, w, p, u, seed=4)
+    L, d = pred.shape[1], pred.shape[2]
+    target = vid.reshape(n, c, t // u, u, h // p, p, w // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(n, L, d)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    x = pred.clone().requires_grad_(True)
+    ref = (((x - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+    ref.backward()
+    loss, grad = run(pred, vid, mask, p, norm_pix=norm_pix, t_patch_size=u)
+    assert rel_err(loss, ref.detach()) < 1e-5 and rel_err(grad, x.grad) < 1e-5
+    loss_m, grad_m = run(masked_rows(pred, ids), vid, mask, p, norm_pix=norm_pix, ids_masked=ids, t_patch_size=u)
+    assert rel_err(loss_m, ref.detach()) < 1e-5
+    assert rel_err(grad_m, masked_rows(x.grad, ids)) < 1e-5
+
+
+def test_image_is_one_frame_video():
+    """A 4-D image and the same image as a one-frame video (u = 1): the same loss and gradient, bit for bit."""
+    pred, imgs, mask, ids = make_inputs(2, 3, 16, 24, 8, seed=26)
+    a = run(pred, imgs, mask, 8)
+    b = run(pred, imgs[:, :, None], mask, 8, t_patch_size=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    pm = masked_rows(pred, ids)
+    a = run(pm, imgs, None, 8, ids_masked=ids)
+    b = run(pm, imgs[:, :, None], None, 8, ids_masked=ids)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_video_strided_and_deterministic():
+    """channels-last-3d and time-sliced videos are read in place; two runs agree bit for bit."""
+    n, c, t, h, w, p, u = 2, 3, 4, 8, 16, 4, 2
+    pred, vid, mask, _ = make_video_inputs(n, c, t, h, w, p, u, seed=27)
+    ref_loss, ref_grad = oracle(pred, vid, mask, p, u=u)
+    cl = vid.to(memory_format=torch.channels_last_3d)
+    big = torch.zeros(n, c, 2 * t, h, w)
+    big[:, :, ::2] = vid
+    for v in (cl, big[:, :, ::2]):
+        assert not v.is_contiguous()
+        loss, grad = run(pred, v, mask, p, t_patch_size=u)
+        assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+    a, b = run(pred, vid, mask, p, t_patch_size=u), run(pred, vid, mask, p, t_patch_size=u)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_video_triton_path_executed_under_interpreter(triton_only, form):
+    n, c, t, h, w, p, u = VIDEO_SHAPES[0]
+    pred, vid, mask, ids = make_video_inputs(n, c, t, h, w, p, u, seed=28)
+    if form == "masked":
+        pred = masked_rows(pred, ids)
+        loss, grad = run(pred, vid, None, p, ids_masked=ids, t_patch_size=u)
+        ref_loss, ref_grad = oracle(pred, vid, None, p, ids=ids, u=u)
+    else:
+        loss, grad = run(pred, vid, mask, p, t_patch_size=u)
+        ref_loss, ref_grad = oracle(pred, vid, mask, p, u=u)
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+def test_video_triton_through_registered_ops(triton_only, monkeypatch):
+    """The path torch.compile takes, video, run eagerly under the interpreter; grad_output != 1."""
+    monkeypatch.setattr(loss_mod, "_EAGER_FAST_PATH", False)
+    n, c, t, h, w, p, u = VIDEO_SHAPES[1]
+    pred, vid, mask, ids = make_video_inputs(n, c, t, h, w, p, u, seed=29)
+    x = pred.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(norm_pix_loss(x, vid, mask, p, t_patch_size=u) * 2.5, x)
+    ref_loss, ref_grad = oracle(pred, vid, mask, p, u=u)
+    assert rel_err(grad, 2.5 * ref_grad) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes 0/0, inf-inf
+def test_video_non_finite_imgs_raise_when_checked():
+    n, c, t, h, w, p, u = 2, 3, 4, 8, 16, 4, 2  # L = 2 * 2 * 4 = 16 tubelets
+    pred, vid, mask, ids = make_video_inputs(n, c, t, h, w, p, u, seed=30, ratio=0.5)
+    l = 1 * 8 + 1 * 4 + 2  # slot 1, row 1, column 2: frames 2-3, rows 4-7, columns 8-11
+    mask[1] = 0.0
+    mask[1, l] = 1.0
+    dirty = vid.clone()
+    dirty[1, 2, 3, 5, 9] = float("nan")
+    with pytest.raises(ValueError, match=rf"imgs has non-finite values.*clip 1, tubelet {l}\b"):
+        norm_pix_loss(pred, dirty, mask, p, t_patch_size=u)
+    ids_l = torch.tensor([[0, 1], [l, 0]])
+    with pytest.raises(ValueError, match=rf"clip 1, tubelet {l}\b"):
+        norm_pix_loss(pred[:, :2], dirty, None, p, ids_masked=ids_l, t_patch_size=u)
+    mask[1, l] = 0.0
+    mask[1, l + 1] = 1.0  # the NaN's tubelet no longer counts: not read
+    assert torch.isfinite(norm_pix_loss(pred, dirty, mask, p, t_patch_size=u))
+
+
+def test_video_bad_inputs():
+    n, c, t, h, w, p, u = 2, 3, 4, 8, 16, 4, 2
+    pred, vid, mask, ids = make_video_inputs(n, c, t, h, w, p, u)  # L = 16, D = 96
+    img_pred, imgs, img_mask, _ = make_inputs(2, 3, 16, 24, 8)
+    with pytest.raises(ValueError, match=r"imgs must have 4 dims \(\[N, C, H, W\]\) or 5 dims"):
+        norm_pix_loss(pred, vid[None], mask, p, t_patch_size=u)
+    with pytest.raises(ValueError, match="t_patch_size must be 1 for 4-D imgs"):
+        norm_pix_loss(img_pred, imgs, img_mask, 8, t_patch_size=2)
+    with pytest.raises(ValueError, match=r"positive multiple of t_patch_size=3, got imgs shape \[2, 3, 4, 8, 16\]"):
+        norm_pix_loss(pred, vid, mask, p, t_patch_size=3)
+    with pytest.raises(ValueError, match="positive multiple of t_patch_size=2"):
+        norm_pix_loss(pred, vid[:, :, :0], mask, p, t_patch_size=u)
+    with pytest.raises(ValueError, match="t_patch_size must be a positive int, got 0"):
+        norm_pix_loss(pred, vid, mask, p, t_patch_size=0)
+    with pytest.raises(TypeError, match="t_patch_size must be a positive int, got 2.0"):
+        norm_pix_loss(pred, vid, mask, p, t_patch_size=2.0)
+    with pytest.raises(ValueError, match=r"patch_size=3, got imgs shape \[2, 3, 4, 8, 16\]"):
+        norm_pix_loss(pred, vid, mask, 3, t_patch_size=u)
+    with pytest.raises(ValueError, match=r"pred must have shape \[2, 32, 48\], got \[2, 16, 96\]"):
+        norm_pix_loss(pred, vid, mask, p)  # u forgotten: read as 32 one-frame tokens of D = 48
+    with pytest.raises(ValueError, match=r"mask must have shape \[2, 16\]"):
+        norm_pix_loss(pred, vid, mask[:, :-1], p, t_patch_size=u)
+    pm = masked_rows(pred, ids)
+    with pytest.raises(ValueError, match=r"ids_masked has entries outside \[0, 16\)"):
+        norm_pix_loss(pm, vid, None, p, ids_masked=ids + 16, t_patch_size=u)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        norm_pix_loss(torch.zeros(1, 2, 1), torch.zeros(1, 1, 2, 1, 1), torch.ones(1, 2), 1)
+
+
 # ------------------------------------------------------------------------------ the reference
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_matches_reference_forward_loss(norm_pix):
@@ -236,8 +435,8 @@ def test_triton_multi_iteration_programs(triton_only, monkeypatch):
     real_fwd = k.fwd_config
     seen = []
 
-    def fwd_cfg(R, P, C):
-        pp_pad, c_pad, _, _, warps, _ = real_fwd(R, P, C)
+    def fwd_cfg(R, P, C, U=1):
+        pp_pad, c_pad, _, _, warps, _ = real_fwd(R, P, C, U)
         seen.append(("fwd", R))
         return pp_pad, c_pad, 4, 3, warps, -(-R // 12)  # 12 rows per program, ITERS = 3
 
@@ -268,11 +467,12 @@ def test_triton_multi_iteration_programs(triton_only, monkeypatch):
 def test_launch_configs():
     from mae_fast.kernels.norm_pix_loss import den_config, finish_config, fwd_config, scale_config
 
-    for R, P, C in [(256 * 196, 16, 3), (256 * 147, 14, 3), (7, 8, 1), (10**6, 4, 3), (3, 32, 3), (5, 16, 4)]:
-        pp_pad, c_pad, block_p, iters, _, grid = fwd_config(R, P, C)
-        assert pp_pad >= P * P and c_pad >= C and pp_pad & (pp_pad - 1) == 0 and c_pad & (c_pad - 1) == 0
+    for R, P, C, U in [(256 * 196, 16, 3, 1), (256 * 147, 14, 3, 1), (7, 8, 1, 1), (10**6, 4, 3, 1), (3, 32, 3, 1),
+                       (5, 16, 4, 1), (64 * 1568, 16, 3, 2), (9, 8, 3, 3)]:
+        pp_pad, c_pad, block_p, iters, _, grid = fwd_config(R, P, C, U)
+        assert pp_pad >= U * P * P and c_pad >= C and pp_pad & (pp_pad - 1) == 0 and c_pad & (c_pad - 1) == 0
         assert grid * block_p * iters >= R > (grid - 1) * block_p * iters
-        T = R * P * P * C
+        T = R * U * P * P * C
         block, iters, _, grid_s = scale_config(T)
         assert block & (block - 1) == 0 and grid_s * block * iters >= T > (grid_s - 1) * block * iters
         assert grid_s <= 2048 or iters == 8
@@ -636,7 +836,8 @@ def test_bad_inputs():
 
 # ------------------------------------------------------------------------------ compile (CPU)
 def test_compile_fullgraph_cpu_subprocess():
-    """torch.compile(fullgraph=True) on CPU; TRITON_INTERPRET unset (the interpreter does not trace)."""
+    """torch.compile(fullgraph=True) on CPU, images and video, both forms; TRITON_INTERPRET unset (the
+    interpreter does not trace)."""
     code = textwrap.dedent(
         """
         import torch
@@ -651,7 +852,17 @@ def test_compile_fullgraph_cpu_subprocess():
             return norm_pix_loss(pred, imgs, mask, 8)
         def g(pm, imgs, ids):
             return norm_pix_loss(pm, imgs, None, 8, ids_masked=ids)
-        for fn, args in ((f, (pred, imgs, mask)), (g, (pm, imgs, ids))):
+        vid = torch.rand(2, 3, 4, 8, 12)  # u = 2, p = 4: L = 2 * 2 * 3 = 12 tubelets, D = 96
+        vpred = torch.randn(2, 12, 96, requires_grad=True)
+        vmask = (torch.rand(2, 12) < 0.7).float(); vmask[:, 0] = 1
+        vpm = torch.randn(2, 3, 96, requires_grad=True)
+        vids = torch.tensor([[0, 7, 11], [2, 3, 9]])
+        def fv(pred, vid, mask):
+            return norm_pix_loss(pred, vid, mask, 4, t_patch_size=2)
+        def gv(pm, vid, ids):
+            return norm_pix_loss(pm, vid, None, 4, norm_pix=False, ids_masked=ids, t_patch_size=2)
+        cases = ((f, (pred, imgs, mask)), (g, (pm, imgs, ids)), (fv, (vpred, vid, vmask)), (gv, (vpm, vid, vids)))
+        for fn, args in cases:
             for go in (1.0, 3.0):
                 eager = fn(*args); (eager * go).backward(); ge = args[0].grad.clone(); args[0].grad = None
                 comp = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
@@ -684,6 +895,21 @@ def test_gpu_real_sizes(dtype, p):
     assert rel_err(loss_m, ref_loss) < 1e-5
     # same rows as the full form (fp16 gradients here are subnormal: compare with the op, not the oracle)
     assert rel_err(grad_m, torch.stack([grad[b, ids[b]] for b in range(n)]).cpu()) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_video_real_size(dtype):
+    n, c, t, size, p, u = 4, 3, 16, 224, 16, 2  # L = 8 * 196 = 1568 tubelets, D = 1536
+    pred, vid, mask, ids = make_video_inputs(n, c, t, size, size, p, u, dtype=dtype, seed=p)
+    loss, grad = run(pred.cuda(), vid.cuda(), mask.cuda(), p, t_patch_size=u)
+    ref_loss, ref_grad = oracle(pred, vid, mask, p, u=u)
+    _, same_grad = run_torch_same_dtype(pred, vid, mask, p, u=u)
+    assert rel_err(loss, ref_loss) < 1e-5
+    ulp = {torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7}[dtype]
+    assert_close_to_oracle(grad, ref_grad, same_grad, atol=ulp * ref_grad.abs().max().item(), name="grad")
+    loss_m, _ = run(masked_rows(pred, ids).cuda(), vid.cuda(), None, p, ids_masked=ids.cuda(), t_patch_size=u)
+    assert rel_err(loss_m, ref_loss) < 1e-5
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """Tests of gather_tokens, gather_patches, unshuffle_tokens: forward and every gradient against float64
 references written the way the official MAE writes them (index-repeat gather, unfold for patches,
-cat + gather + add for the decoder input), on odd and real shapes, fp32 and bf16; the Triton path under
-TRITON_INTERPRET=1; torch.compile; bad inputs. GPU-marked tests run real sizes on CUDA.
+explicit slicing for video tubelets, cat + gather + add for the decoder input), on odd and real shapes,
+fp32 and bf16; the Triton path under TRITON_INTERPRET=1; torch.compile; bad inputs. GPU-marked tests run
+real sizes on CUDA.
 """
 import os
 import subprocess
@@ -76,6 +77,21 @@ def ref_gather_patches(imgs, ids_keep, p):
     cols = F.unfold(imgs, kernel_size=p, stride=p)  # [N, C*p*p, L] in (C, p, p) order
     x = cols.transpose(1, 2)  # [N, L, C*p*p]
     return torch.gather(x, 1, ids_keep.long().unsqueeze(-1).repeat(1, 1, x.shape[-1]))
+
+
+def ref_gather_patches_video(imgs, ids_keep, p, u):
+    """Video oracle by explicit slicing: token l = (s, r, c) -> imgs[:, :, s*u:(s+1)*u, r*p:(r+1)*p,
+    c*p:(c+1)*p] flattened in (C, u, p, p) order; then the index-repeat gather."""
+    N, C, T, H, W = imgs.shape
+    h, w = H // p, W // p
+    rows = []
+    for s in range(T // u):
+        for r in range(h):
+            for c in range(w):
+                tube = imgs[:, :, s * u:(s + 1) * u, r * p:(r + 1) * p, c * p:(c + 1) * p]  # [N, C, u, p, p]
+                rows.append(tube.reshape(N, -1))  # [N, C*u*p*p]
+    x = torch.stack(rows, dim=1)  # [N, L, C*u*p*p]
+    return torch.gather(x, 1, ids_keep.long().unsqueeze(-1).repeat(1, 1, x.shape[-1]))  # [N, K, C*u*p*p]
 
 
 def grads(fn, inputs, g):
@@ -286,7 +302,118 @@ def test_gather_patches_strided_imgs():
     assert torch.equal(T.gather_patches(imgs, ids, p), ref_gather_patches(imgs.contiguous(), ids, p))
 
 
+# (N, C, T, H, W, p, u, K): u = 2 with a non-square frame; u = 1 with an odd T; C = 1; one tubelet in time
+VIDEO_CFGS = [(2, 3, 4, 16, 24, 8, 2, 5), (3, 3, 3, 16, 8, 8, 1, 4), (2, 1, 4, 8, 8, 4, 2, 3),
+              (2, 2, 2, 8, 12, 4, 2, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", VIDEO_CFGS)
+def test_gather_patches_video_exact_and_grad(dtype, cfg):
+    N, C, T_, H, W, p, u, K = cfg
+    L = (T_ // u) * (H // p) * (W // p)
+    vid = rnd(N, C, T_, H, W, dtype=dtype)
+    ids, _ = make_ids(N, L, K, torch.int32 if N == 3 else torch.int64, seed=1)
+    out = T.gather_patches(vid, ids, p, t_patch_size=u)
+    assert out.shape == (N, K, C * u * p * p) and out.dtype == dtype
+    assert torch.equal(out, ref_gather_patches_video(vid, ids, p, u))
+    g = rnd(N, K, C * u * p * p, dtype=dtype, seed=2)
+
+    def fn(a, b):
+        return T.gather_patches(a, b, p, t_patch_size=u)
+
+    def ref(a, b):
+        return ref_gather_patches_video(a, b, p, u)
+
+    compare_all(fn, ref, [vid, ids], g, dtype, "gather_patches video")
+    # grad_imgs: the gradient rows at the kept tubelets, zeros at the removed ones (written once, no sum)
+    leaf = vid.clone().requires_grad_(True)
+    T.gather_patches(leaf, ids, p, t_patch_size=u).backward(g)
+    kept = torch.zeros(N, L, dtype=torch.bool).scatter_(1, ids.long(), True)  # [N, L]
+    tokens = T._gather_patches_torch(leaf.grad, torch.arange(L).expand(N, L), p, u)  # [N, L, C*u*p*p]
+    assert (tokens[~kept] == 0).all()
+
+
+def test_gather_patches_video_is_conv3d_embedding():
+    """F.linear on the gathered tubelets == Conv3d embedding of all tokens (flattened (s, r, c)), then the
+    gather: the visible-only embedding identity of a video MAE."""
+    N, C, T_, H, W, p, u, D, K = 2, 3, 4, 16, 24, 8, 2, 40, 5
+    L = (T_ // u) * (H // p) * (W // p)
+    vid = rnd(N, C, T_, H, W).double()
+    proj = torch.nn.Conv3d(C, D, kernel_size=(u, p, p), stride=(u, p, p)).double()
+    ids, _ = make_ids(N, L, K, seed=4)
+    full = proj(vid).flatten(2).transpose(1, 2)  # [N, L, D]
+    want = torch.gather(full, 1, ids.unsqueeze(-1).repeat(1, 1, D))  # [N, K, D]
+    got = F.linear(T.gather_patches(vid.float(), ids, p, t_patch_size=u).double(), proj.weight.flatten(1), proj.bias)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_gather_patches_image_is_one_frame_video():
+    """A 4-D image and the same image as a one-frame video ([N, C, 1, H, W], u = 1): identical outputs and
+    gradients (bit for bit)."""
+    N, C, H, W, p, K = 2, 3, 16, 24, 8, 4
+    imgs = rnd(N, C, H, W)
+    ids, _ = make_ids(N, (H // p) * (W // p), K, seed=5)
+    g = rnd(N, K, C * p * p, seed=6)
+    a = imgs.clone().requires_grad_(True)
+    b = imgs.clone()[:, :, None].requires_grad_(True)
+    out_a = T.gather_patches(a, ids, p)
+    out_b = T.gather_patches(b, ids, p, t_patch_size=1)
+    assert torch.equal(out_a, out_b)
+    out_a.backward(g)
+    out_b.backward(g)
+    assert a.grad.shape == (N, C, H, W) and b.grad.shape == (N, C, 1, H, W)
+    assert torch.equal(a.grad, b.grad[:, :, 0])
+
+
+def test_gather_patches_video_strided():
+    """channels-last-3d and a time-sliced video are read in place (no copy) with their strides."""
+    N, C, T_, H, W, p, u, K = 2, 3, 4, 8, 12, 4, 2, 5
+    L = (T_ // u) * (H // p) * (W // p)
+    ids, _ = make_ids(N, L, K, seed=7)
+    vid = rnd(N, C, T_, H, W).to(memory_format=torch.channels_last_3d)
+    assert torch.equal(T.gather_patches(vid, ids, p, t_patch_size=u),
+                       ref_gather_patches_video(vid.contiguous(), ids, p, u))
+    sliced = rnd(N, C, 2 * T_, H, W, seed=8)[:, :, ::2]  # time stride 2 * H * W
+    assert torch.equal(T.gather_patches(sliced, ids, p, t_patch_size=u),
+                       ref_gather_patches_video(sliced.contiguous(), ids, p, u))
+
+
 # ----------------------------------------------------------------------------------- Triton path really runs
+_TORCH_PATHS = ["_gather_tokens_torch", "_gather_tokens_bwd_torch", "_unshuffle_torch", "_unshuffle_bwd_torch",
+                "_gather_patches_torch", "_gather_patches_bwd_torch"]
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    """Under the interpreter, make every torch path raise: the ops must run the Triton kernels."""
+    if not INTERPRET:
+        pytest.skip("the Triton path runs on CPU only under TRITON_INTERPRET=1")
+
+    def boom(*a, **k):
+        raise AssertionError("torch path used where the Triton kernels must run")
+
+    for name in _TORCH_PATHS:
+        monkeypatch.setattr(T, name, boom)
+
+
+@pytest.mark.parametrize("cfg", [VIDEO_CFGS[0], VIDEO_CFGS[1]])
+def test_interpreter_runs_triton_path_video(triton_only, cfg):
+    N, C, T_, H, W, p, u, K = cfg
+    L = (T_ // u) * (H // p) * (W // p)
+    vid = rnd(N, C, T_, H, W, seed=9)
+    ids, _ = make_ids(N, L, K, seed=10)
+    g = rnd(N, K, C * u * p * p, seed=11)
+    leaf = vid.clone().requires_grad_(True)
+    out = T.gather_patches(leaf, ids, p, t_patch_size=u)
+    out.backward(g)
+    ref_leaf = vid.double().requires_grad_(True)
+    ref_gather_patches_video(ref_leaf, ids, p, u).backward(g.double())
+    assert torch.equal(out.double(), ref_gather_patches_video(vid.double(), ids, p, u))
+    assert torch.equal(leaf.grad.double(), ref_leaf.grad)
+
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the Triton path runs on CPU only under TRITON_INTERPRET=1")
 def test_interpreter_runs_triton_path(monkeypatch):
     def boom(*a, **k):
@@ -312,11 +439,12 @@ def test_interpreter_runs_triton_path(monkeypatch):
 
 # ----------------------------------------------------------------------------------- compile
 def _all_ops_fn():
-    def fn(x, ids_keep, ids_restore, pos, pre, mt, dpos, imgs):
+    def fn(x, ids_keep, ids_restore, pos, pre, mt, dpos, imgs, vid):
         y = T.gather_tokens(x, ids_keep, pos, pre)  # [N, 1+K, D]
         z = T.unshuffle_tokens(y * 2, ids_restore, mt, dpos)  # [N, 1+L, D]
         w = T.gather_patches(imgs, ids_keep, 4)  # [N, K, C*p*p]
-        return z.square().sum() + w.sin().sum()
+        v = T.gather_patches(vid, ids_keep, 4, t_patch_size=2)  # [N, K, C*u*p*p]
+        return z.square().sum() + w.sin().sum() + v.cos().sum()
     return fn
 
 
@@ -324,7 +452,8 @@ def _compile_check(device):
     N, L, K, D = 3, 16, 5, 24
     ids_keep, ids_restore = make_ids(N, L, K, device=device)
     inputs = [rnd(N, L, D), ids_keep, ids_restore, rnd(1, L, D, seed=1), rnd(1, 1, D, seed=2),
-              rnd(1, 1, D, seed=3), rnd(1, 1 + L, D, seed=4), rnd(N, 2, 16, 16, seed=5)]
+              rnd(1, 1, D, seed=3), rnd(1, 1 + L, D, seed=4), rnd(N, 2, 16, 16, seed=5),
+              rnd(N, 2, 4, 8, 16, seed=6)]  # video: T' * h * w = 2 * 2 * 4 = L tubelets
     inputs = [t.to(device) for t in inputs]
     fn = _all_ops_fn()
     results = []
@@ -338,8 +467,9 @@ def _compile_check(device):
 
 
 def test_compile_fullgraph_cpu_subprocess():
-    """torch.compile(fullgraph=True), forward and backward, of all three ops on CPU (torch path; run in a
-    subprocess without TRITON_INTERPRET, which does not mix with compile)."""
+    """torch.compile(fullgraph=True), forward and backward, of all three ops (gather_patches on an image and
+    on a video) on CPU (torch path; run in a subprocess without TRITON_INTERPRET, which does not mix with
+    compile)."""
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
         import torch
@@ -406,6 +536,27 @@ def test_bad_inputs():
         T.gather_patches(imgs[0], ids_keep, 4)
     with pytest.raises(ValueError, match="outside"):
         T.gather_patches(imgs, ids_keep + 16, 4, check_indices=True)
+    vid = rnd(N, 3, 4, 8, 8)  # L = 2 * 2 * 2 = 8 tubelets at u = 2, p = 4
+    with pytest.raises(ValueError, match=r"imgs must have 4 dims \(\[N, C, H, W\]\) or 5 dims"):
+        T.gather_patches(vid[None], ids_keep, 4)
+    with pytest.raises(ValueError, match="t_patch_size must be 1 for 4-D imgs"):
+        T.gather_patches(imgs, ids_keep, 4, t_patch_size=2)
+    with pytest.raises(ValueError, match="T=4 is not divisible by t_patch_size 3"):
+        T.gather_patches(vid, ids_keep, 4, t_patch_size=3)
+    with pytest.raises(ValueError, match="t_patch_size must be a positive int, got 0"):
+        T.gather_patches(vid, ids_keep, 4, t_patch_size=0)
+    with pytest.raises(TypeError, match="t_patch_size must be a positive int, got 2.0"):
+        T.gather_patches(vid, ids_keep, 4, t_patch_size=2.0)
+    with pytest.raises(TypeError, match="t_patch_size must be a positive int, got True"):
+        T.gather_patches(vid, ids_keep, 4, t_patch_size=True)
+    with pytest.raises(ValueError, match=r"spatial size \(8, 8\) is not divisible by patch_size 3"):
+        T.gather_patches(vid, ids_keep, 3, t_patch_size=2)
+    with pytest.raises(ValueError, match="only L=8"):
+        T.gather_patches(vid, make_ids(N, 16, 9)[0], 4, t_patch_size=2)
+    with pytest.raises(ValueError, match="outside"):
+        T.gather_patches(vid, ids_keep + 8, 4, t_patch_size=2, check_indices=True)
+    with pytest.raises(TypeError, match="imgs must have dtype"):
+        T.gather_patches(vid.double(), ids_keep, 4, t_patch_size=2)
 
 
 def test_check_indices_env(monkeypatch):
@@ -437,6 +588,20 @@ def test_gpu_real_sizes(dtype, D):
                 [y, ids_restore, mt, dpos], g2, dtype, "gpu unshuffle")
     imgs = rnd(N, 3, 224, 224, dtype=dtype, device="cuda")
     assert torch.equal(T.gather_patches(imgs, ids_keep, 16), ref_gather_patches(imgs, ids_keep, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_video_real_size(dtype):
+    N, C, T_, H, W, p, u = 4, 3, 16, 224, 224, 16, 2
+    L = (T_ // u) * (H // p) * (W // p)
+    ids_keep, _ = make_ids(N, L, L // 10, device="cuda")
+    vid = rnd(N, C, T_, H, W, dtype=dtype, device="cuda")
+    out = T.gather_patches(vid, ids_keep, p, t_patch_size=u)
+    assert torch.equal(out, T._gather_patches_torch(vid, ids_keep, p, u))
+    g = rnd(*out.shape, dtype=dtype, seed=1, device="cuda")
+    gi = torch.ops.mae_fast.gather_patches_backward(g, ids_keep, C, T_, H, W, p, u)
+    assert torch.equal(gi, T._gather_patches_bwd_torch(g, ids_keep, C, T_, H, W, p, u))
 
 
 @pytest.mark.gpu
