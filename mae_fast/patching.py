@@ -64,7 +64,8 @@ def _fast_patch_embed(old: nn.Module) -> PatchEmbed:
     if isinstance(old, PatchEmbed):
         return old
     proj = old.proj
-    new = PatchEmbed(old.img_size, old.patch_size, proj.in_channels, proj.out_channels, bias=proj.bias is not None)
+    new = PatchEmbed(old.img_size, old.patch_size, proj.in_channels, proj.out_channels, bias=proj.bias is not None,
+                     num_frames=getattr(old, "num_frames", 1), t_patch_size=getattr(old, "t_patch_size", 1))
     new.proj = proj
     if isinstance(getattr(old, "norm", None), nn.Module):
         new.norm = old.norm

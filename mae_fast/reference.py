@@ -6,9 +6,19 @@ arguments, parameter names/shapes/registration order and initialisation follow t
 Blocks follow timm's layout (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
 ``mlp.fc2``) with attention through ``F.scaled_dot_product_attention``.
 
-Beyond the official code: non-square images (``img_size=(H, W)``), any ``in_chans``, and an
+Beyond the official code: non-square images (``img_size=(H, W)``), any ``in_chans``, an
 optional ``noise`` argument that makes the mask reproducible (used exactly as the official
-random_masking uses its uniform noise).
+random_masking uses its uniform noise), and video.
+
+Video (``num_frames=T``, ``t_patch_size=u``; inputs [N, C, T, H, W]): the tokens are space-time tubelets
+of u frames x p x p pixels (Feichtenhofer et al. 2022, "Masked Autoencoders As Spatiotemporal Learners"),
+ordered (tubelet slot s, patch row r, patch column c), L = T/u * h * w; the patch embedding is a Conv3d
+(kernel = stride = (u, p, p)); the patch vector of the loss is in (u, p-row, p-col, channel) order. Masking
+is random over all L tokens (as MAE-ST) or, with ``tube_masking=True``, one spatial mask per clip repeated
+over the T/u slots (as VideoMAE). The position tables are fixed sin-cos, like the image MAE's: the
+official 2-D table on about 3/4 of the channels and a 1-D table of the slot on the rest
+(:func:`sincos_3d`; MAE-ST's separable space and time embeddings are learned, these are not). This is
+mae_fast's video model: there is no official checkpoint to load into it.
 """
 from __future__ import annotations
 
@@ -58,35 +68,73 @@ def sincos_2d(embed_dim: int, grid_size: Size2, cls_token: bool = False) -> np.n
     return emb
 
 
+def sincos_3d(embed_dim: int, grid_size: Tuple[int, int, int], cls_token: bool = False) -> np.ndarray:
+    """Space-time sin-cos table [(1 +) t*gh*gw, embed_dim] in float64, token = (slot, row, col).
+
+    The first ``4 * (3 * embed_dim // 16)`` channels hold the 2-D table of (row, col) (the official
+    layout), the rest a 1-D table of the slot. The cls row, if asked for, is zeros.
+    """
+    t, gh, gw = (int(v) for v in grid_size)
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for a sin-cos table, got {embed_dim}")
+    d_space = 4 * (3 * embed_dim // 16)
+    space = sincos_2d(d_space, (gh, gw))  # [gh*gw, d_space]
+    time = sincos_1d(embed_dim - d_space, np.arange(t, dtype=np.float64))  # [t, D - d_space]
+    emb = np.concatenate([np.tile(space, (t, 1)), np.repeat(time, gh * gw, axis=0)], axis=1)  # [t*gh*gw, D]
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)  # [1+L, D]
+    return emb
+
+
 # --------------------------------------------------------------------------- patches and masking
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """imgs [N, C, H, W] -> [N, h*w, p*p*C], patch vector order (p-row, p-col, channel)."""
-    N, C, H, W = imgs.shape
-    p = patch_size
-    if H % p or W % p:
-        raise ValueError(f"image size ({H}, {W}) is not divisible by patch_size {p}")
-    h, w = H // p, W // p
-    x = imgs.reshape(N, C, h, p, w, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)  # [N, h, w, p, p, C]
-    return x.reshape(N, h * w, p * p * C)
+def patchify(imgs: torch.Tensor, patch_size: int, t_patch_size: int = 1) -> torch.Tensor:
+    """imgs [N, C, H, W] -> [N, h*w, p*p*C], patch vector order (p-row, p-col, channel).
+
+    Video [N, C, T, H, W] -> [N, T/u*h*w, u*p*p*C], tokens (slot, row, col), vector order
+    (frame in tubelet, p-row, p-col, channel); u = t_patch_size.
+    """
+    p, u = patch_size, t_patch_size
+    if imgs.dim() == 4:
+        if u != 1:
+            raise ValueError(f"t_patch_size={u} needs a video [N, C, T, H, W], got shape {list(imgs.shape)}")
+        imgs = imgs.unsqueeze(2)  # [N, C, 1, H, W]
+    N, C, T, H, W = imgs.shape
+    if H % p or W % p or T % u:
+        raise ValueError(f"size (T={T}, H={H}, W={W}) is not divisible by (t_patch_size={u}, patch_size={p})")
+    t, h, w = T // u, H // p, W // p
+    x = imgs.reshape(N, C, t, u, h, p, w, p)
+    x = torch.einsum("nctuhpwq->nthwupqc", x)  # [N, t, h, w, u, p, p, C]
+    return x.reshape(N, t * h * w, u * p * p * C)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, image_size: Optional[Size2] = None, in_chans: int = 3) -> torch.Tensor:
-    """[N, h*w, p*p*C] -> imgs [N, C, H, W]; square grid unless ``image_size=(H, W)`` is given."""
+def unpatchify(x: torch.Tensor, patch_size: int, image_size: Optional[Size2] = None, in_chans: int = 3,
+               t_patch_size: int = 1, num_frames: Optional[int] = None) -> torch.Tensor:
+    """[N, h*w, p*p*C] -> imgs [N, C, H, W]; square grid unless ``image_size=(H, W)`` is given.
+
+    With ``num_frames`` (video): [N, T/u*h*w, u*p*p*C] -> [N, C, T, H, W].
+    """
     N, L, E = x.shape
-    p = patch_size
-    if E != p * p * in_chans:
-        raise ValueError(f"x last dim must be p*p*in_chans = {p * p * in_chans}, got {E}")
+    p, u = patch_size, t_patch_size
+    video = num_frames is not None
+    T = num_frames if video else 1
+    if not video and u != 1:
+        raise ValueError("t_patch_size != 1 needs num_frames (a video)")
+    if T % u:
+        raise ValueError(f"num_frames {T} is not divisible by t_patch_size {u}")
+    if E != u * p * p * in_chans:
+        raise ValueError(f"x last dim must be t_patch_size*p*p*in_chans = {u * p * p * in_chans}, got {E}")
+    t = T // u
     if image_size is None:
-        h = w = int(round(L**0.5))
+        h = w = int(round((L // max(t, 1)) ** 0.5))
     else:
         H, W = _pair(image_size)
         h, w = H // p, W // p
-    if h * w != L:
-        raise ValueError(f"x has {L} patches, which does not fit a {h}x{w} grid")
-    x = x.reshape(N, h, w, p, p, in_chans)
-    x = torch.einsum("nhwpqc->nchpwq", x)  # [N, C, h, p, w, p]
-    return x.reshape(N, in_chans, h * p, w * p)
+    if t * h * w != L:
+        raise ValueError(f"x has {L} patches, which does not fit a {t}x{h}x{w} grid")
+    x = x.reshape(N, t, h, w, u, p, p, in_chans)
+    x = torch.einsum("nthwupqc->nctuhpwq", x)  # [N, C, t, u, h, p, w, p]
+    x = x.reshape(N, in_chans, T, h * p, w * p)
+    return x if video else x[:, :, 0]
 
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
@@ -94,17 +142,34 @@ def num_kept(num_tokens: int, mask_ratio: float) -> int:
     return int(num_tokens * (1 - mask_ratio))
 
 
-def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None, frames: int = 1):
     """Per-sample random masking by argsort of uniform noise (small noise = kept).
 
     x [N, L, D] -> (x_masked [N, K, D], mask [N, L] (1 = removed), ids_restore [N, L], ids_keep [N, K]).
     ``noise`` [N, L], if given, is used as is.
+
+    Tube masking (``frames=T`` > 1, tokens ordered [T, L/T]): one spatial mask per sample from noise
+    [N, L/T], repeated over the T slots; K = T * int(L/T * (1 - mask_ratio)). Kept tokens are listed
+    slot by slot, each slot's in ascending noise; the removed ones follow, slot by slot, likewise.
     """
     N, L, D = x.shape
-    K = num_kept(L, mask_ratio)
-    if noise is None:
-        noise = torch.rand(N, L, device=x.device)  # [N, L]
-    ids_shuffle = torch.argsort(noise, dim=1)  # [N, L]
+    if frames == 1:
+        K = num_kept(L, mask_ratio)
+        if noise is None:
+            noise = torch.rand(N, L, device=x.device)  # [N, L]
+        ids_shuffle = torch.argsort(noise, dim=1)  # [N, L]
+    else:
+        if L % frames:
+            raise ValueError(f"L={L} tokens do not split into frames={frames} slots")
+        S = L // frames
+        Ks = num_kept(S, mask_ratio)
+        K = frames * Ks
+        if noise is None:
+            noise = torch.rand(N, S, device=x.device)  # [N, L/T]
+        rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # [N, S]
+        slot = torch.arange(frames, device=x.device).view(1, frames, 1)  # [1, T, 1]
+        key = (rank >= Ks).long()[:, None, :] * L + slot * S + rank[:, None, :]  # (removed, slot, noise rank)
+        ids_shuffle = torch.argsort(key.reshape(N, L), dim=1)  # [N, L]
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # [N, L]
     ids_keep = ids_shuffle[:, :K]  # [N, K]
     x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))  # [N, K, D]
@@ -121,13 +186,15 @@ def patch_loss(
     patch_size: int,
     norm_pix_loss: bool = False,
     eps: float = 1e-6,
+    t_patch_size: int = 1,
 ) -> torch.Tensor:
     """The official forward_loss: mean squared error per patch, averaged over removed patches.
 
     imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L] (1 = counted). With norm_pix_loss each
     target patch is normalised by its own mean and unbiased variance: (t - mean) / sqrt(var + eps).
+    Video: imgs [N, C, T, H, W], pred [N, L, u*p*p*C] in :func:`patchify`'s order.
     """
-    target = patchify(imgs, patch_size)  # [N, L, p*p*C]
+    target = patchify(imgs, patch_size, t_patch_size)  # [N, L, (u*)p*p*C]
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)  # unbiased
@@ -139,9 +206,14 @@ def patch_loss(
 
 # --------------------------------------------------------------------------- timm-style layers
 class PatchEmbed(nn.Module):
-    """Image to patch embeddings with a Conv2d of kernel = stride = patch_size (timm's layout)."""
+    """Image to patch embeddings with a Conv2d of kernel = stride = patch_size (timm's layout).
 
-    def __init__(self, img_size: Size2 = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+    Video (``num_frames`` > 1 or ``t_patch_size`` > 1): a Conv3d of kernel = stride = (u, p, p) on
+    [N, C, T, H, W], tokens (slot, row, col).
+    """
+
+    def __init__(self, img_size: Size2 = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 num_frames: int = 1, t_patch_size: int = 1):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
@@ -151,19 +223,29 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"patch_size must be square, got {patch_size!r}")
         if H % p or W % p:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {p}")
+        if num_frames < 1 or t_patch_size < 1 or num_frames % t_patch_size:
+            raise ValueError(f"num_frames ({num_frames}) must be a positive multiple of t_patch_size ({t_patch_size})")
         self.grid_size = (H // p, W // p)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_frames, self.t_patch_size = num_frames, t_patch_size
+        self.video = num_frames > 1 or t_patch_size > 1
+        self.t_grid_size = num_frames // t_patch_size
+        self.num_patches = self.t_grid_size * self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p)
+        if self.video:
+            self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(t_patch_size, p, p), stride=(t_patch_size, p, p))
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p)
         self.norm = nn.Identity()
 
+    def input_shape(self) -> list:
+        """The [N, C, (T,) H, W] this embedding takes, with N as "N"."""
+        return ["N", self.in_chans, *([self.num_frames] if self.video else []), *self.img_size]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(
-                f"imgs must have shape [N, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}], "
-                f"got {list(x.shape)}"
-            )
-        x = self.proj(x)  # [N, D, h, w]
+        expected = self.input_shape()
+        if x.dim() != len(expected) or list(x.shape[1:]) != expected[1:]:
+            raise ValueError(f"imgs must have shape [{', '.join(map(str, expected))}], got {list(x.shape)}")
+        x = self.proj(x)  # [N, D, (t,) h, w]
         return self.norm(x.flatten(2).transpose(1, 2))  # [N, L, D]
 
 
@@ -233,12 +315,15 @@ def _init_linear_and_norm(m: nn.Module) -> None:
 def init_mae_weights(model: nn.Module) -> None:
     """The official initialisation of an MAE with the official attribute names.
 
-    Fixed 2-D sin-cos position tables; patch embedding weight xavier-uniform on its (out, -1) view;
+    Fixed 2-D sin-cos position tables (3-D for video, :func:`sincos_3d`); patch embedding weight xavier-uniform on its (out, -1) view;
     cls and mask tokens normal(std=0.02); every Linear xavier-uniform with zero bias; LayerNorm 1/0.
     """
-    grid = model.patch_embed.grid_size
+    pe = model.patch_embed
     for table in (model.pos_embed, model.decoder_pos_embed):
-        values = sincos_2d(table.shape[-1], grid, cls_token=True)
+        if getattr(pe, "video", False):
+            values = sincos_3d(table.shape[-1], (pe.t_grid_size, *pe.grid_size), cls_token=True)
+        else:
+            values = sincos_2d(table.shape[-1], pe.grid_size, cls_token=True)
         table.data.copy_(torch.from_numpy(values).float().unsqueeze(0))
     w = model.patch_embed.proj.weight.data
     torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
@@ -253,10 +338,14 @@ class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size: Size2 = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm,
-                 norm_pix_loss: bool = False):
+                 norm_pix_loss: bool = False, *, num_frames: int = 1, t_patch_size: int = 1,
+                 tube_masking: bool = False):
         super().__init__()
         # Registration order fixes named_parameters() order: it matches the official model.
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
+        if tube_masking and not self.patch_embed.video:
+            raise ValueError("tube_masking needs a video model (num_frames > 1)")
+        self.tube_masking = tube_masking
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
@@ -273,7 +362,7 @@ class MaskedAutoencoderViT(nn.Module):
              for _ in range(decoder_depth)]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, t_patch_size * patch_size**2 * in_chans, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
@@ -291,14 +380,25 @@ class MaskedAutoencoderViT(nn.Module):
     def in_chans(self) -> int:
         return self.patch_embed.in_chans
 
+    @property
+    def t_patch_size(self) -> int:
+        return self.patch_embed.t_patch_size
+
+    @property
+    def mask_frames(self) -> int:
+        """The ``frames`` of the masking: T/u slots with tube masking, else 1."""
+        return self.patch_embed.t_grid_size if self.tube_masking else 1
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        return patchify(imgs, self.patch_size)
+        return patchify(imgs, self.patch_size, self.t_patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, self.patch_embed.img_size, self.in_chans)
+        pe = self.patch_embed
+        return unpatchify(x, self.patch_size, pe.img_size, self.in_chans, pe.t_patch_size,
+                          pe.num_frames if pe.video else None)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
-        x_masked, mask, ids_restore, _ = random_masking(x, mask_ratio, noise)
+        x_masked, mask, ids_restore, _ = random_masking(x, mask_ratio, noise, self.mask_frames)
         return x_masked, mask, ids_restore
 
     # -- forward
@@ -324,11 +424,11 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
-        x = self.decoder_pred(x)  # [N, 1+L, p*p*C]
-        return x[:, 1:, :]  # [N, L, p*p*C]
+        x = self.decoder_pred(x)  # [N, 1+L, (u*)p*p*C]
+        return x[:, 1:, :]  # [N, L, (u*)p*p*C]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return patch_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
+        return patch_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss, t_patch_size=self.t_patch_size)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
         if not 0.0 <= mask_ratio < 1.0:

@@ -18,8 +18,10 @@ only (the visible ones do not enter the loss): the same loss, fewer FLOPs and le
 
 Mask ratio 0 (no patch removed): the official loss divides by mask.sum() == 0. Here the loss is then
 the mean over all patches (the plain autoencoder's reconstruction loss); ``mask`` is all zeros.
-Video (frames/tubelets) is not supported yet: the masking engine has tube masking (``frames=``), but
-a 3-D patch embedding and a spatio-temporal position table are still to be written.
+
+Video: ``num_frames=T, t_patch_size=u`` (and ``tube_masking``) as in ``mae_fast.reference``: clips
+[N, C, T, H, W], space-time tubelet tokens; the same path with the tubelet-aware ops (gather_patches and
+norm_pix_loss take ``t_patch_size``) and, with tube masking, the masking engine's ``frames=T/u``.
 """
 from __future__ import annotations
 
@@ -46,11 +48,22 @@ class FastMAEMethods:
     def patch_size(self) -> int:
         return self.patch_embed.patch_size[0]
 
+    @property
+    def t_patch_size(self) -> int:
+        return self.patch_embed.t_patch_size
+
+    @property
+    def mask_frames(self) -> int:
+        """The ``frames`` of the masking: T/u slots with tube masking, else 1."""
+        return self.patch_embed.t_grid_size if getattr(self, "tube_masking", False) else 1
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        return reference.patchify(imgs, self.patch_size)
+        return reference.patchify(imgs, self.patch_size, self.t_patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.unpatchify(x, self.patch_size, self.patch_embed.img_size, self.patch_embed.in_chans)
+        pe = self.patch_embed
+        return reference.unpatchify(x, self.patch_size, pe.img_size, pe.in_chans, pe.t_patch_size,
+                                    pe.num_frames if pe.video else None)
 
     # -- the pieces
     def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
@@ -64,11 +77,12 @@ class FastMAEMethods:
             if not bool(torch.isfinite(imgs.sum(dtype=torch.float32))) and not bool(torch.isfinite(imgs).all()):
                 raise ValueError("imgs contains NaN or inf values")
         return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, float(mask_ratio),
-                                  device=imgs.device, noise=noise)
+                                  device=imgs.device, noise=noise, frames=self.mask_frames)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
         """The official signature: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
-        m = ops.random_masking(x.shape[0], x.shape[1], float(mask_ratio), device=x.device, noise=noise)
+        m = ops.random_masking(x.shape[0], x.shape[1], float(mask_ratio), device=x.device, noise=noise,
+                               frames=self.mask_frames)
         return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
 
     def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -98,13 +112,14 @@ class FastMAEMethods:
         return self._encode(imgs, m.ids_keep), m.mask, m.ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Predictions for every patch: [N, L, p*p*C], as the official forward_decoder."""
+        """Predictions for every patch: [N, L, (u*)p*p*C], as the official forward_decoder."""
         x = self._decode_tokens(latent, ids_restore)
         return self.decoder_pred(self.decoder_norm(x[:, 1:]))  # [N, L, p*p*C]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The official loss, fused: read straight from imgs, gradient computed in the same pass."""
-        return ops.norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=bool(self.norm_pix_loss))
+        return ops.norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=bool(self.norm_pix_loss),
+                                 t_patch_size=self.t_patch_size)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
         """(loss, pred [N, L, p*p*C], mask [N, L]) as the official model."""
@@ -128,17 +143,22 @@ class FastMAEMethods:
         x = ops.gather_tokens(x[:, 1:], ids_masked)  # [N, L-K, Dd]
         pred = self.decoder_pred(self.decoder_norm(x))  # [N, L-K, p*p*C]
         return ops.norm_pix_loss(pred, imgs, None, self.patch_size, norm_pix=bool(self.norm_pix_loss),
-                                 ids_masked=ids_masked)
+                                 ids_masked=ids_masked, t_patch_size=self.t_patch_size)
 
 
 class MaskedAutoencoderViT(FastMAEMethods, nn.Module):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024, depth: int = 24,
                  num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm, norm_pix_loss: bool = False, *,
+                 num_frames: int = 1, t_patch_size: int = 1, tube_masking: bool = False,
                  attn_backend: Optional[str] = None):
         super().__init__()
         # Registration order fixes named_parameters() order: it matches the official model.
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, num_frames=num_frames,
+                                      t_patch_size=t_patch_size)
+        if tube_masking and not self.patch_embed.video:
+            raise ValueError("tube_masking needs a video model (num_frames > 1)")
+        self.tube_masking = tube_masking
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
@@ -157,7 +177,7 @@ class MaskedAutoencoderViT(FastMAEMethods, nn.Module):
             for _ in range(decoder_depth)
         ])
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, t_patch_size * patch_size**2 * in_chans, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
         reference.init_mae_weights(self)

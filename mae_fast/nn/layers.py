@@ -133,10 +133,14 @@ class PatchEmbed(nn.Module):
     ``forward_visible(imgs, ids_keep)`` embeds only the visible patches: the raw pixels of the kept
     patches are gathered by :func:`mae_fast.ops.gather_patches` and multiplied by the conv weight as
     one GEMM. Exact, and 1/(1 - mask_ratio) fewer FLOPs than embedding every patch.
+
+    Video (``num_frames`` > 1 or ``t_patch_size`` > 1, not in timm): a Conv3d of kernel = stride =
+    (u, p, p) on [N, C, T, H, W]; tokens (slot, row, col), as ``mae_fast.reference.PatchEmbed``.
     """
 
     def __init__(self, img_size: Size2 = 224, patch_size: Size2 = 16, in_chans: int = 3, embed_dim: int = 768,
-                 norm_layer=None, flatten: bool = True, bias: bool = True, **kwargs):
+                 norm_layer=None, flatten: bool = True, bias: bool = True, num_frames: int = 1,
+                 t_patch_size: int = 1, **kwargs):
         super().__init__()
         _reject_unknown("PatchEmbed", kwargs)
         self.img_size = _pair(img_size)
@@ -147,25 +151,38 @@ class PatchEmbed(nn.Module):
         H, W = self.img_size
         if H % p or W % p:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {p}")
+        if num_frames < 1 or t_patch_size < 1 or num_frames % t_patch_size:
+            raise ValueError(f"num_frames ({num_frames}) must be a positive multiple of t_patch_size ({t_patch_size})")
         self.grid_size = (H // p, W // p)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_frames, self.t_patch_size = num_frames, t_patch_size
+        self.video = num_frames > 1 or t_patch_size > 1
+        self.t_grid_size = num_frames // t_patch_size
+        self.num_patches = self.t_grid_size * self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
         self.flatten = flatten
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p, bias=bias)
+        if self.video:
+            k = (t_patch_size, p, p)
+            self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=k, stride=k, bias=bias)
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p, bias=bias)
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def input_shape(self) -> list:
+        """The [N, C, (T,) H, W] this embedding takes, with N as "N"."""
+        return ["N", self.in_chans, *([self.num_frames] if self.video else []), *self.img_size]
 
     def check_input(self, imgs: torch.Tensor) -> None:
         if not isinstance(imgs, torch.Tensor):
             raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
-        C, (H, W) = self.in_chans, self.img_size
-        if imgs.dim() != 4 or imgs.shape[1] != C or tuple(imgs.shape[2:]) != (H, W):
-            raise ValueError(f"imgs must have shape [N, {C}, {H}, {W}], got {list(imgs.shape)}")
+        expected = self.input_shape()
+        if imgs.dim() != len(expected) or list(imgs.shape[1:]) != expected[1:]:
+            raise ValueError(f"imgs must have shape [{', '.join(map(str, expected))}], got {list(imgs.shape)}")
         if not imgs.is_floating_point():
             raise TypeError(f"imgs must be a floating-point tensor, got {imgs.dtype}")
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         self.check_input(imgs)
-        x = self.proj(imgs)  # [N, D, h, w]
+        x = self.proj(imgs)  # [N, D, (t,) h, w]
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # [N, L, D]
         return self.norm(x)
@@ -173,8 +190,12 @@ class PatchEmbed(nn.Module):
     def forward_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Embeddings of the patches named by ``ids_keep`` [N, K] only: [N, K, D]."""
         self.check_input(imgs)
-        patches = gather_patches(imgs, ids_keep, self.patch_size[0])  # [N, K, C*p*p] in (C, p, p) order
-        weight = self.proj.weight.flatten(1)  # [D, C*p*p]
+        # [N, K, C*(u*)p*p] in the order of the flattened conv weight: (C, (u,) p, p)
+        if self.video:
+            patches = gather_patches(imgs, ids_keep, self.patch_size[0], t_patch_size=self.t_patch_size)
+        else:
+            patches = gather_patches(imgs, ids_keep, self.patch_size[0])
+        weight = self.proj.weight.flatten(1)  # [D, C*(u*)p*p]
         if patches.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
             raise TypeError(f"imgs dtype {imgs.dtype} differs from the patch embedding weight dtype {weight.dtype}")
         return self.norm(F.linear(patches, weight, self.proj.bias))  # [N, K, D]
