@@ -26,6 +26,11 @@ real training step. The fast model must do the same (or fail loudly; its result 
 Under ``torchrun --nproc_per_node=N`` every process runs the same variants under
 DistributedDataParallel (nccl on CUDA, gloo on CPU), batch = per-device batch; the results hold
 per-device and total images/s.
+
+Video (``num_frames`` T > 1, ``t_patch_size`` u, ``tube_masking``): every variant is built with these
+factory arguments, the inputs are random clips [N, C, T, H, W], and one sample is a clip: ``images_per_s``
+and ``flops_per_image`` are then clips/s and FLOPs per clip (the JSON keys stay, the table says clips).
+Without ``batch_size`` the default batch is the image default divided by T/u (the same tokens per batch).
 """
 from __future__ import annotations
 
@@ -68,6 +73,18 @@ class BenchConfig:
     variants: Optional[List[str]] = None
     compile: Optional[bool] = None  # None: on a GPU yes, on a CPU no (compiling on a CPU is slow)
     peak_tflops: Optional[float] = None  # None: measured in the run (benchutil.matmul_peak)
+    # video: clips of num_frames frames, tubelets of t_patch_size frames (1, 1: the image model)
+    num_frames: int = 1
+    t_patch_size: int = 1
+    tube_masking: bool = False  # one spatial mask per clip, repeated over the T/u slots
+
+    def video_kwargs(self) -> dict:
+        """The factory arguments of the video model ({} for an image model)."""
+        return flops.video_kwargs(self.num_frames, self.t_patch_size, self.tube_masking)
+
+    def dims(self) -> flops.MAEDims:
+        """The model's sizes (from the reference config; ValueError for a bad combination)."""
+        return flops.dims_of_config(self.model, self.img_size, self.patch_size, **self.video_kwargs())
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -87,8 +104,26 @@ class BenchConfig:
         return self.resolved_device().type == "cuda" if self.compile is None else bool(self.compile)
 
 
+def check_video(num_frames: int, t_patch_size: int, tube_masking: bool) -> None:
+    """ValueError naming the flag when the video settings do not make a model."""
+    for flag, v in (("--num-frames", num_frames), ("--t-patch-size", t_patch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {v!r}")
+    if num_frames % t_patch_size:
+        raise ValueError(f"--num-frames {num_frames} is not a multiple of --t-patch-size {t_patch_size}")
+    if tube_masking and num_frames == 1:
+        raise ValueError("--tube (tube masking) needs a video model: give --num-frames > 1")
+
+
+def video_batch(default_batch: int, num_frames: Optional[int], t_patch_size: Optional[int]) -> int:
+    """The default batch of a video run: the image default divided by T/u slots (the same tokens per batch)."""
+    slots = max(1, int(num_frames or 1) // max(1, int(t_patch_size or 1)))
+    return max(1, default_batch // slots)
+
+
 def default_config(device: Optional[str] = None, **overrides) -> BenchConfig:
-    """The embedded default: ViT-B/16 at batch 256 on a GPU, a tiny model on a CPU."""
+    """The embedded default: ViT-B/16 at batch 256 on a GPU, a tiny model on a CPU (for video, the batch
+    divided by T/u unless given)."""
     dev = device or "auto"
     is_cuda = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else torch.device(dev)).type == "cuda"
     base = dict(GPU_DEFAULT if is_cuda else CPU_DEFAULT)
@@ -97,6 +132,8 @@ def default_config(device: Optional[str] = None, **overrides) -> BenchConfig:
         if v is None:
             continue
         (base if k in base else extra)[k] = v
+    if overrides.get("batch_size") is None:
+        base["batch_size"] = video_batch(base["batch_size"], extra.get("num_frames"), extra.get("t_patch_size"))
     return BenchConfig(device=dev, **base, **extra)
 
 
@@ -123,13 +160,13 @@ class AllPatchLoss(nn.Module):
         if mask_ratio > 0:
             return m(imgs, mask_ratio, noise)
         latent, mask, ids_restore = m.forward_encoder(imgs, 0.0, noise)  # [N, 1+L, D], mask all 0
-        pred = m.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+        pred = m.forward_decoder(latent, ids_restore)  # [N, L, (u*)p*p*C]
         loss = m.forward_loss(imgs, pred, torch.ones_like(mask))  # every patch counts
         return loss, pred, mask
 
 
 def _model_kwargs(cfg: BenchConfig) -> dict:
-    kwargs = {"norm_pix_loss": cfg.norm_pix_loss}
+    kwargs = {"norm_pix_loss": cfg.norm_pix_loss, **cfg.video_kwargs()}
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
     if cfg.patch_size is not None:
@@ -357,9 +394,10 @@ def _stderr_progress(label: str, i: int, n: int) -> None:
 
 
 def _images(cfg: BenchConfig, dims: flops.MAEDims, device: torch.device, rank: int) -> List[torch.Tensor]:
+    """Three random batches: images [N, C, H, W], or clips [N, C, T, H, W] for a video model."""
     g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + 17 + rank)
     # a few distinct random batches, rotated (never zeros; no single buffer that stays in cache)
-    return [torch.randn(cfg.batch_size, dims.in_chans, dims.img_h, dims.img_w, generator=g).to(device) for _ in range(3)]
+    return [torch.randn(*dims.input_shape(cfg.batch_size), generator=g).to(device) for _ in range(3)]
 
 
 def measure_peak(cfg: BenchConfig, device: torch.device) -> tuple:
@@ -380,6 +418,7 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
 
     ``peak``: (FLOP/s, source) to reuse instead of measuring (the sweep measures once).
     """
+    check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
     names, skipped = resolve_variants(cfg)
     device = cfg.resolved_device()
     distributed = _dist_setup(device)
@@ -393,7 +432,7 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
         # fresh compile caches: new model instances would otherwise count as recompiles of the same code,
         # and past dynamo's recompile limit a "+compile" variant would quietly run eager
         torch._dynamo.reset()
-    dims = flops.dims_of_config(cfg.model, cfg.img_size, cfg.patch_size)
+    dims = cfg.dims()
     imgs_pool = _images(cfg, dims, device, rank)
     runners: List[_Runner] = []
     for name in names:
@@ -462,7 +501,9 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     doc = benchutil.provenance(argv, device)
     doc["config"] = dict(asdict(cfg), device=str(device), dtype=cfg.resolved_dtype(), variants=names,
                          compile=cfg.resolved_compile(), world_size=world,
-                         img_size=cfg.img_size or dims.img_h, patch_size=cfg.patch_size or dims.patch_size)
+                         img_size=cfg.img_size or dims.img_h, patch_size=cfg.patch_size or dims.patch_size,
+                         video=dims.video, input_shape=list(dims.input_shape(cfg.batch_size)),
+                         num_patches=dims.num_patches)
     doc["peak_flops_per_s"] = peak_flops
     doc["peak_source"] = peak_source
     doc["notes"] = {
@@ -474,6 +515,9 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
         "mask_ratio_0": "loss over all patches (the reference's masked mean is 0/0 there)",
         "images_per_s": "total over all devices under DDP (per-device values in images_per_s_per_device)",
     }
+    if dims.video:
+        doc["notes"]["video"] = ("one sample is a clip (config.input_shape is the batch [N, C, T, H, W]): "
+                                 "images_per_s and flops_per_image are per clip")
     if skipped:
         doc["skipped_variants"] = skipped
     doc["results"] = results
@@ -486,24 +530,47 @@ def _rate(flops_per_s: float) -> str:
 
 TABLE_COLUMNS = ["variant", "images_per_s", "step_ms_median", "step_ms_p20", "step_ms_p80", "peak_mem_MiB",
                  "GFLOP_per_img", "TFLOP_per_s", "mfu", "speedup"]
+VIDEO_COLUMNS = [{"images_per_s": "clips_per_s", "GFLOP_per_img": "GFLOP_per_clip"}.get(c, c) for c in TABLE_COLUMNS]
+
+
+def is_video(config: dict) -> bool:
+    """Whether a results document's config is a video run (older documents: image)."""
+    return int(config.get("num_frames") or 1) > 1 or int(config.get("t_patch_size") or 1) > 1
+
+
+def describe_input(config: dict) -> str:
+    """'64px/p8' for images; '4 frames x 64px, tubelet 2x8x8, tube masking' for video."""
+    p = config["patch_size"]
+    if not is_video(config):
+        return f"{config['img_size']}px/p{p}"
+    return (f"{config['num_frames']} frames x {config['img_size']}px, tubelet {config['t_patch_size']}x{p}x{p}"
+            + (", tube masking" if config.get("tube_masking") else ""))
+
+
+def batch_words(config: dict) -> str:
+    return f"batch {config['batch_size']}" + (" clips" if is_video(config) else "")
 
 
 def format_results(doc: dict) -> str:
     rows = []
+    c = doc["config"]
+    video = is_video(c)
     for r in doc["results"]:
         rows.append(dict(
             r,
             peak_mem_MiB="-" if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20,
             GFLOP_per_img=r["flops_per_image"] / 1e9,
+            GFLOP_per_clip=r["flops_per_image"] / 1e9,
+            clips_per_s=r["images_per_s"],
             TFLOP_per_s=r["tflops_per_s"],
             speedup="-" if r["speedup_vs_reference"] is None else r["speedup_vs_reference"],
         ))
-    c = doc["config"]
-    head = (f"{c['model']}  {c['img_size']}px/p{c['patch_size']}  batch {c['batch_size']}  mask ratio "
+    head = (f"{c['model']}  {describe_input(c)}  {batch_words(c)}  mask ratio "
             f"{c['mask_ratio']}  {c['dtype']}  on {doc['device']}"
-            + (f" x{c['world_size']} (DDP; images/s is the total)" if c.get("world_size", 1) > 1 else "")
+            + (f" x{c['world_size']} (DDP; {'clips' if video else 'images'}/s is the total)"
+               if c.get("world_size", 1) > 1 else "")
             + f"  ({c['steps']} timed steps each, interleaved, after {c['warmup']} warm-up)")
-    lines = [head, benchutil.format_table(rows, TABLE_COLUMNS),
+    lines = [head, benchutil.format_table(rows, VIDEO_COLUMNS if video else TABLE_COLUMNS),
              f"mfu against {_rate(doc['peak_flops_per_s'])} ({doc['peak_source']})"]
     for v, why in doc.get("skipped_variants", {}).items():
         lines.append(f"skipped {v}: {why}")

@@ -6,6 +6,9 @@ Subcommands:
   sweep    the same over mask ratios x patch sizes; JSON and a PNG plot
   profile  one step of each under torch.profiler: where the time goes, top ops, Chrome traces
   theory   the linear-MAE theory (spatial scale per mask ratio and patch size), when installed
+
+bench, sweep and profile take video models too: --num-frames T (clips [N, C, T, H, W]), --t-patch-size u
+(tubelet frames; default 2 for video) and --tube (tube masking).
 """
 from __future__ import annotations
 
@@ -106,6 +109,13 @@ def _common_args(p: argparse.ArgumentParser, ratio: bool = True, patch: bool = T
     p.add_argument("--img-size", type=_positive_int("--img-size"))
     if patch:
         p.add_argument("--patch-size", type=_positive_int("--patch-size"))
+    p.add_argument("--num-frames", type=_positive_int("--num-frames"), metavar="T",
+                   help="video: clips of T frames [N, C, T, H, W] (default: the image model); the default batch "
+                   "is then the image default divided by T/U (same tokens per batch)")
+    p.add_argument("--t-patch-size", type=_positive_int("--t-patch-size"), metavar="U",
+                   help="video: frames per tubelet, dividing --num-frames (default 2 with --num-frames > 1, else 1)")
+    p.add_argument("--tube", action="store_true",
+                   help="video: tube masking (one spatial mask per clip, repeated over the T/U tubelet slots)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -205,21 +215,42 @@ def _check_common(cmd: str, args: argparse.Namespace) -> None:
         _fail(cmd, "--dtype fp16 is for CUDA; use fp32 or bf16 on a CPU")
 
 
-def _check_sizes(cmd: str, model: str, img_size, patch_size) -> None:
+def _video(cmd: str, args: argparse.Namespace) -> dict:
+    """num_frames, t_patch_size, tube_masking from the flags (defaults applied), or a clear error."""
+    from .benchmark import check_video
+
+    T, u, tube = args.num_frames, args.t_patch_size, bool(args.tube)
+    if T is None:
+        if u is not None and u != 1:
+            _fail(cmd, f"--t-patch-size {u} needs a video model: give --num-frames (a multiple of {u})")
+        if tube:
+            _fail(cmd, "--tube (tube masking) needs a video model: give --num-frames > 1")
+        return {"num_frames": 1, "t_patch_size": 1, "tube_masking": False}
+    default_u = u is None
+    if default_u:
+        u = 2 if T > 1 else 1
+    try:
+        check_video(T, u, tube)
+    except ValueError as e:
+        _fail(cmd, str(e) + (" (the default for video; give --t-patch-size)" if default_u and T % u else ""))
+    return {"num_frames": T, "t_patch_size": u, "tube_masking": tube}
+
+
+def _check_sizes(cmd: str, model: str, img_size, patch_size, **video) -> None:
     from . import flops
 
     try:
-        dims = flops.dims_of_config(model, img_size, patch_size)
+        dims = flops.dims_of_config(model, img_size, patch_size, **video)
     except ValueError as e:
         _fail(cmd, f"--img-size/--patch-size: {e}")
     del dims
 
 
-def _bench_config(args: argparse.Namespace):
+def _bench_config(args: argparse.Namespace, video: dict):
     from . import benchmark
 
     cfg = benchmark.default_config(args.device, model=args.model, batch_size=args.batch_size,
-                                   steps=getattr(args, "steps", None), warmup=args.warmup)
+                                   steps=getattr(args, "steps", None), warmup=args.warmup, **video)
     cfg.mask_ratio = args.mask_ratio
     cfg.img_size = args.img_size
     cfg.patch_size = args.patch_size
@@ -246,8 +277,9 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import benchmark
 
     _check_common("bench", args)
-    cfg = _bench_config(args)
-    _check_sizes("bench", cfg.model, cfg.img_size, cfg.patch_size)
+    video = _video("bench", args)
+    cfg = _bench_config(args, video)
+    _check_sizes("bench", cfg.model, cfg.img_size, cfg.patch_size, **video)
     if cfg.variants and cfg.compile is not None:
         _fail("bench", "give either --variants or --compile/--no-compile, not both")
     try:
@@ -263,8 +295,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     from . import benchmark, sweep
 
     _check_common("sweep", args)
+    video = _video("sweep", args)
     cfg = sweep.default_config(args.device, model=args.model, batch_size=args.batch_size, steps=args.steps,
-                               warmup=args.warmup, patch_sizes=args.patch_sizes)
+                               warmup=args.warmup, patch_sizes=args.patch_sizes, **video)
     cfg.img_size = args.img_size
     cfg.dtype = args.dtype
     cfg.variants = args.variants
@@ -300,13 +333,14 @@ def run_profile(args: argparse.Namespace) -> int:
     from . import benchmark, profiling
 
     _check_common("profile", args)
-    cfg = _bench_config(args)
+    video = _video("profile", args)
+    cfg = _bench_config(args, video)
     cfg.steps = 1
     if cfg.warmup is None:
         cfg.warmup = 3
     if not cfg.variants:
         cfg.compile = False
-    _check_sizes("profile", cfg.model, cfg.img_size, cfg.patch_size)
+    _check_sizes("profile", cfg.model, cfg.img_size, cfg.patch_size, **video)
     try:
         doc = profiling.run(cfg, trace_dir=args.trace, argv=getattr(args, "argv", None), top=args.top)
     except benchmark.VariantUnavailable as e:

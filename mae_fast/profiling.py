@@ -171,8 +171,8 @@ def categorize(e, seq_scope: Dict[int, str]) -> str:
 def profile_variant(name: str, cfg: benchmark.BenchConfig, trace_path: Optional[str] = None, top: int = 15) -> dict:
     """Warm up ``cfg.warmup`` steps, then profile one training step of variant ``name``."""
     device = cfg.resolved_device()
-    dims = benchmark.flops.dims_of_config(cfg.model, cfg.img_size, cfg.patch_size)
-    imgs = benchmark._images(cfg, dims, device, 0)
+    dims = cfg.dims()
+    imgs = benchmark._images(cfg, dims, device, 0)  # images, or clips [N, C, T, H, W] for video
     runner = benchmark._Runner(name, cfg, device, imgs, distributed=False)
     for _ in range(cfg.warmup):
         runner.step()
@@ -230,6 +230,7 @@ def _export_trace(prof, path: str) -> None:
 
 def run(cfg: benchmark.BenchConfig, trace_dir: Optional[str] = None, argv: Optional[List[str]] = None,
         top: int = 15) -> dict:
+    benchmark.check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
     names, skipped = benchmark.resolve_variants(cfg)
     results = []
     for name in names:
@@ -237,10 +238,12 @@ def run(cfg: benchmark.BenchConfig, trace_dir: Optional[str] = None, argv: Optio
         results.append(profile_variant(name, cfg, trace, top))
     device = cfg.resolved_device()
     doc = benchutil.provenance(argv, device)
-    dims = benchmark.flops.dims_of_config(cfg.model, cfg.img_size, cfg.patch_size)
+    dims = cfg.dims()
     doc["config"] = dict(model=cfg.model, batch_size=cfg.batch_size, mask_ratio=cfg.mask_ratio, img_size=dims.img_h,
-                         patch_size=dims.patch_size, dtype=cfg.resolved_dtype(), device=str(device),
-                         warmup=cfg.warmup, variants=names)
+                         patch_size=dims.patch_size, num_frames=dims.num_frames, t_patch_size=dims.t_patch_size,
+                         tube_masking=dims.tube_masking, video=dims.video,
+                         input_shape=list(dims.input_shape(cfg.batch_size)), dtype=cfg.resolved_dtype(),
+                         device=str(device), warmup=cfg.warmup, variants=names)
     doc["notes"] = {"categories": "self time of every op in one step, each op in one category (see mae_fast/profiling.py)"}
     if skipped:
         doc["skipped_variants"] = skipped
@@ -251,7 +254,7 @@ def run(cfg: benchmark.BenchConfig, trace_dir: Optional[str] = None, argv: Optio
 def format_results(doc: dict) -> str:
     res = doc["results"]
     c = doc["config"]
-    lines = [f"profile: {c['model']}  {c['img_size']}px/p{c['patch_size']}  batch {c['batch_size']}  mask ratio "
+    lines = [f"profile: {c['model']}  {benchmark.describe_input(c)}  {benchmark.batch_words(c)}  mask ratio "
              f"{c['mask_ratio']}  {c['dtype']}  on {doc['device']}  (one step; {res[0]['time_kind'] if res else ''} time)"]
     rows = []
     for cat in CATEGORIES + ["total"]:

@@ -13,6 +13,10 @@ peak memory, FLOPs per image, MFU, and two speedups:
 still runs on every token, so an end-to-end step stays below it).
 With ``theory`` (a folder of images, or "sample" for the bundled photographs), the linear-MAE
 prediction of the learned spatial scale (``mae_fast.theory.predicted_scales``) sits beside each point.
+
+Video (``num_frames`` T > 1, ``t_patch_size`` u, ``tube_masking``): the same sweep over the spatial patch
+size with T and u fixed; one sample is a clip (``images_per_s`` is clips/s). The linear theory is for
+images and is refused there.
 """
 from __future__ import annotations
 
@@ -49,6 +53,9 @@ class SweepConfig:
     theory_size: int = 32  # side of the small images the linear theory runs on
     theory_rank: int = 32
     seed: int = 0
+    num_frames: int = 1  # video: clips of num_frames frames, tubelets of t_patch_size frames
+    t_patch_size: int = 1
+    tube_masking: bool = False
 
 
 def default_config(device: Optional[str] = None, **overrides) -> SweepConfig:
@@ -61,11 +68,17 @@ def default_config(device: Optional[str] = None, **overrides) -> SweepConfig:
         if v is None:
             continue
         (base if k in base else extra)[k] = v
+    if overrides.get("batch_size") is None:  # video: the same tokens per batch as the image default
+        base["batch_size"] = benchmark.video_batch(base["batch_size"], extra.get("num_frames"),
+                                                   extra.get("t_patch_size"))
     return SweepConfig(device=dev, **base, **extra)
 
 
 def check_config(cfg: SweepConfig) -> int:
     """Validate; returns the image size. ValueError names the bad setting."""
+    benchmark.check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
+    if cfg.theory and _video(cfg):
+        raise ValueError("--theory: the linear-MAE theory is for image models; it does not apply with --num-frames")
     img = cfg.img_size or flops.dims_of_config(cfg.model).img_h
     if not cfg.mask_ratios:
         raise ValueError("--mask-ratios: give at least one ratio")
@@ -78,6 +91,10 @@ def check_config(cfg: SweepConfig) -> int:
         if p < 1 or img % p:
             raise ValueError(f"--patch-sizes: {p} does not divide the image size {img}")
     return img
+
+
+def _video(cfg: SweepConfig) -> bool:
+    return bool(flops.video_kwargs(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking))
 
 
 def _variants(cfg: SweepConfig) -> tuple:
@@ -103,7 +120,8 @@ def _point(cfg: SweepConfig, img: int, p: int, r: float, variants: List[str], pe
     """One (ratio, patch) point: all variants interleaved; a variant that fails gets an error row."""
     bc = benchmark.BenchConfig(model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps, warmup=cfg.warmup,
                                mask_ratio=r, img_size=img, patch_size=p, dtype=cfg.dtype, device=cfg.device,
-                               seed=cfg.seed, variants=variants, compile=None)
+                               seed=cfg.seed, variants=variants, compile=None, num_frames=cfg.num_frames,
+                               t_patch_size=cfg.t_patch_size, tube_masking=cfg.tube_masking)
     try:
         return benchmark.run(bc, argv=argv, progress=False, peak=peak)["results"]
     except Exception:  # noqa: BLE001 - retry one by one, so one failing variant does not hide the others
@@ -166,7 +184,7 @@ def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = Tru
                 x["predicted_outside_patch_fraction"] = t["outside_patch_fraction"]
     doc = benchutil.provenance(argv, device)
     doc["config"] = dict(asdict(cfg), img_size=img, mask_ratios=ratios, patch_sizes=patches, variants=variants,
-                         device=str(device),
+                         device=str(device), video=_video(cfg),
                          dtype=benchmark.BenchConfig(model=cfg.model, batch_size=1, steps=1, warmup=1, dtype=cfg.dtype,
                                                      device=cfg.device).resolved_dtype())
     doc["peak_flops_per_s"], doc["peak_source"] = peak
@@ -176,6 +194,8 @@ def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = Tru
         "speedup_vs_reference": "images/s over the reference at the same point",
         "ideal_encoder_speedup": "1 / (1 - ratio): the encoder-only bound",
     }
+    if _video(cfg):
+        doc["notes"]["video"] = "one sample is a clip [C, T, H, W]: images_per_s and flops_per_image are per clip"
     if skipped:
         doc["skipped_variants"] = skipped
     if theory_rows is not None:
@@ -188,21 +208,31 @@ TABLE_COLUMNS = ["patch_size", "mask_ratio", "variant", "images_per_s", "step_ms
                  "speedup_vs_ratio0", "speedup_vs_reference", "ideal_encoder_speedup"]
 
 
+def _describe(c: dict) -> str:
+    """'64px' for images; '4 frames x 64px, tubelet 2 frames x p x p, tube masking' for video (p varies)."""
+    if not benchmark.is_video(c):
+        return f"{c['img_size']}px"
+    return (f"{c['num_frames']} frames x {c['img_size']}px, tubelet {c['t_patch_size']} frames x p x p"
+            + (", tube masking" if c.get("tube_masking") else ""))
+
+
 def format_results(doc: dict) -> str:
     rows = []
-    cols = list(TABLE_COLUMNS)
+    rate = "clips_per_s" if benchmark.is_video(doc["config"]) else "images_per_s"
+    cols = [rate if c == "images_per_s" else c for c in TABLE_COLUMNS]
     if "theory" in doc:
         cols.append("predicted_mean_distance_px")
     for x in doc["results"]:
         if "error" in x:
             rows.append({"patch_size": x["patch_size"], "mask_ratio": x["mask_ratio"], "variant": x["variant"],
-                         "images_per_s": "error: " + x["error"][:60]})
+                         rate: "error: " + x["error"][:60]})
             continue
-        rows.append(dict(x, peak_mem_MiB="-" if x.get("peak_mem_bytes") is None else x["peak_mem_bytes"] / 2**20,
+        rows.append(dict(x, clips_per_s=x["images_per_s"],
+                         peak_mem_MiB="-" if x.get("peak_mem_bytes") is None else x["peak_mem_bytes"] / 2**20,
                          speedup_vs_ratio0="-" if x["speedup_vs_ratio0"] is None else x["speedup_vs_ratio0"],
                          speedup_vs_reference="-" if x["speedup_vs_reference"] is None else x["speedup_vs_reference"]))
     c = doc["config"]
-    head = (f"sweep: {c['model']}  {c['img_size']}px  batch {c['batch_size']}  {c['dtype']}  on {doc['device']}  "
+    head = (f"sweep: {c['model']}  {_describe(c)}  {benchmark.batch_words(c)}  {c['dtype']}  on {doc['device']}  "
             f"({c['steps']} timed steps per point, variants interleaved)")
     lines = [head, benchutil.format_table(rows, cols)]
     for v, why in doc.get("skipped_variants", {}).items():
@@ -241,7 +271,7 @@ def plot(doc: dict, path: str) -> None:
     ax.set_xlabel("mask ratio")
     ax.set_ylabel("speedup over the unmasked reference step")
     c = doc["config"]
-    ax.set_title(f"{c['model']} {c['img_size']}px, batch {c['batch_size']}, {c['dtype']}, {doc['device']}", fontsize=9)
+    ax.set_title(f"{c['model']} {_describe(c)}, {benchmark.batch_words(c)}, {c['dtype']}, {doc['device']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     if theory:
