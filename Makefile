@@ -43,8 +43,8 @@ $(SETUP_STAMP): $(PY) setup.py pyproject.toml $(NATIVE_SOURCES)
 	touch $@
 endif
 
-# Triton kernels run through the interpreter (TRITON_INTERPRET=1) where there is no GPU; the ops and the
-# model then run a second time on the plain torch path, which is what CPU tensors take outside the interpreter.
+# Triton kernels run through the interpreter (TRITON_INTERPRET=1) where there is no GPU; the
+# ops then run a second time on the plain torch path, which is what CPU tensors take outside the interpreter.
 test: setup
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 	  echo "CUDA found: GPU tests on, Triton compiled"; \
@@ -52,8 +52,8 @@ test: setup
 	else \
 	  echo "no CUDA: Triton kernels under TRITON_INTERPRET=1"; \
 	  TRITON_INTERPRET=1 $(PY) -m pytest -q -rs $(PYTEST_ARGS) || exit 1; \
-	  echo "no CUDA: the plain torch path of the ops and the model (what CPU tensors run)"; \
-	  TRITON_INTERPRET=0 $(PY) -m pytest -q tests/ops tests/models $(PYTEST_ARGS); \
+	  echo "no CUDA: the plain torch path of the ops (what CPU tensors run)"; \
+	  TRITON_INTERPRET=0 $(PY) -m pytest -q tests/ops $(PYTEST_ARGS); \
 	fi
 	@if command -v nvcc >/dev/null 2>&1 || [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then \
 	  $(MAKE) --no-print-directory cuda-check PYTHON=$(PY); \
