@@ -36,3 +36,30 @@ def assert_close_to_oracle(
             f"first at flat index {i}: out={o.flatten()[i]:.6g} exact={e.flatten()[i]:.6g} "
             f"torch={s.flatten()[i]:.6g}"
         )
+
+
+def assert_same_mae_step(ref, fast, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor, *,
+                         pred_tol: float = 1e-5, loss_tol: float = 1e-5, grad_tol: float = 1e-4) -> dict:
+    """Two MAEs with the official interface agree on one step: same mask, pred and loss (relative
+    tolerances) given the same noise, and every parameter's gradient after ``loss.backward()``.
+
+    Returns the reference's gradients by parameter name.
+    """
+    l_ref, p_ref, m_ref = ref(imgs, mask_ratio, noise)
+    l_fast, p_fast, m_fast = fast(imgs, mask_ratio, noise)
+    if not torch.equal(m_fast, m_ref):
+        raise AssertionError("mask differs")
+    if rel_err(p_fast, p_ref) >= pred_tol:
+        raise AssertionError(f"pred: relative error {rel_err(p_fast, p_ref):.3g} >= {pred_tol}")
+    if abs(l_fast.item() - l_ref.item()) > loss_tol * abs(l_ref.item()):
+        raise AssertionError(f"loss: {l_fast.item()} vs {l_ref.item()}")
+    l_ref.backward()
+    l_fast.backward()
+    g_ref = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    g_fast = {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
+    if set(g_ref) != set(g_fast):
+        raise AssertionError(f"parameters with a gradient differ: {sorted(set(g_ref) ^ set(g_fast))}")
+    for k in g_ref:
+        if rel_err(g_fast[k], g_ref[k]) >= grad_tol:
+            raise AssertionError(f"grad of {k}: relative error {rel_err(g_fast[k], g_ref[k]):.3g} >= {grad_tol}")
+    return g_ref
