@@ -213,7 +213,7 @@ class PatchEmbed(nn.Module):
     """
 
     def __init__(self, img_size: Size2 = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 num_frames: int = 1, t_patch_size: int = 1):
+                 num_frames: int = 1, t_patch_size: int = 1, bias: bool = True):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
@@ -232,9 +232,10 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.t_grid_size * self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
         if self.video:
-            self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(t_patch_size, p, p), stride=(t_patch_size, p, p))
+            k = (t_patch_size, p, p)
+            self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=k, stride=k, bias=bias)
         else:
-            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p)
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p, bias=bias)
         self.norm = nn.Identity()
 
     def input_shape(self) -> list:
@@ -332,7 +333,38 @@ def init_mae_weights(model: nn.Module) -> None:
     model.apply(_init_linear_and_norm)
 
 
-class MaskedAutoencoderViT(nn.Module):
+class PatchLayoutMethods:
+    """The official helpers that follow from ``patch_embed`` (patch_size, in_chans, patchify, unpatchify)
+    plus the video ones (t_patch_size, mask_frames). Shared by the reference and the fast model (and
+    models patched in place), which only need a ``patch_embed`` of this module's layout."""
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.in_chans
+
+    @property
+    def t_patch_size(self) -> int:
+        return getattr(self.patch_embed, "t_patch_size", 1)
+
+    @property
+    def mask_frames(self) -> int:
+        """The ``frames`` of the masking: T/u slots with tube masking, else 1."""
+        return self.patch_embed.t_grid_size if getattr(self, "tube_masking", False) else 1
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.patch_size, self.t_patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        pe = self.patch_embed
+        return unpatchify(x, self.patch_size, pe.img_size, self.in_chans, self.t_patch_size,
+                          pe.num_frames if getattr(pe, "video", False) else None)
+
+
+class MaskedAutoencoderViT(PatchLayoutMethods, nn.Module):
     """Masked Autoencoder with a ViT backbone, as published (official constructor and names)."""
 
     def __init__(self, img_size: Size2 = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
@@ -371,32 +403,7 @@ class MaskedAutoencoderViT(nn.Module):
     def initialize_weights(self):
         init_mae_weights(self)
 
-    # -- helpers with the official names
-    @property
-    def patch_size(self) -> int:
-        return self.patch_embed.patch_size[0]
-
-    @property
-    def in_chans(self) -> int:
-        return self.patch_embed.in_chans
-
-    @property
-    def t_patch_size(self) -> int:
-        return self.patch_embed.t_patch_size
-
-    @property
-    def mask_frames(self) -> int:
-        """The ``frames`` of the masking: T/u slots with tube masking, else 1."""
-        return self.patch_embed.t_grid_size if self.tube_masking else 1
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        return patchify(imgs, self.patch_size, self.t_patch_size)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        pe = self.patch_embed
-        return unpatchify(x, self.patch_size, pe.img_size, self.in_chans, pe.t_patch_size,
-                          pe.num_frames if pe.video else None)
-
+    # -- the official methods
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
         x_masked, mask, ids_restore, _ = random_masking(x, mask_ratio, noise, self.mask_frames)
         return x_masked, mask, ids_restore

@@ -35,7 +35,7 @@ from ..ops._common import check_indices_enabled
 from ..nn import Block, PatchEmbed
 
 
-class FastMAEMethods:
+class FastMAEMethods(reference.PatchLayoutMethods):
     """The fast forward of an MAE with the official attribute names and method signatures.
 
     Shared by :class:`MaskedAutoencoderViT` and by models patched in place (``mae_fast.patch_model``),
@@ -43,27 +43,6 @@ class FastMAEMethods:
     cls_token, pos_embed, blocks, norm, decoder_embed, mask_token, decoder_pos_embed,
     decoder_blocks, decoder_norm, decoder_pred, norm_pix_loss.
     """
-
-    @property
-    def patch_size(self) -> int:
-        return self.patch_embed.patch_size[0]
-
-    @property
-    def t_patch_size(self) -> int:
-        return self.patch_embed.t_patch_size
-
-    @property
-    def mask_frames(self) -> int:
-        """The ``frames`` of the masking: T/u slots with tube masking, else 1."""
-        return self.patch_embed.t_grid_size if getattr(self, "tube_masking", False) else 1
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        return reference.patchify(imgs, self.patch_size, self.t_patch_size)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        pe = self.patch_embed
-        return reference.unpatchify(x, self.patch_size, pe.img_size, pe.in_chans, pe.t_patch_size,
-                                    pe.num_frames if pe.video else None)
 
     # -- the pieces
     def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
@@ -181,10 +160,6 @@ class MaskedAutoencoderViT(FastMAEMethods, nn.Module):
 
         self.norm_pix_loss = norm_pix_loss
         reference.init_mae_weights(self)
-
-    @property
-    def in_chans(self) -> int:
-        return self.patch_embed.in_chans
 
 
 def load_pretrained_encoder(model: MaskedAutoencoderViT, state_dict: dict) -> list:

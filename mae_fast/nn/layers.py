@@ -7,20 +7,17 @@ Attention runs through :func:`mae_fast.nn.attention.attention` (selectable backe
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import reference
 from ..ops import gather_patches
 from .attention import BACKENDS, attention
 
-Size2 = Union[int, Tuple[int, int]]
-
-
-def _pair(x: Size2) -> Tuple[int, int]:
-    return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
+Size2 = reference.Size2
 
 
 class Attention(nn.Module):
@@ -127,49 +124,25 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(reference.PatchEmbed):
     """Image to patch embedding (Conv2d, kernel = stride = patch size), timm's keys ``proj.*``.
 
     ``forward_visible(imgs, ids_keep)`` embeds only the visible patches: the raw pixels of the kept
     patches are gathered by :func:`mae_fast.ops.gather_patches` and multiplied by the conv weight as
     one GEMM. Exact, and 1/(1 - mask_ratio) fewer FLOPs than embedding every patch.
 
-    Video (``num_frames`` > 1 or ``t_patch_size`` > 1, not in timm): a Conv3d of kernel = stride =
-    (u, p, p) on [N, C, T, H, W]; tokens (slot, row, col), as ``mae_fast.reference.PatchEmbed``.
+    The grid, the video layout (``num_frames`` > 1 or ``t_patch_size`` > 1, not in timm: a Conv3d of
+    kernel = stride = (u, p, p) on [N, C, T, H, W], tokens (slot, row, col)) and the projection come from
+    ``mae_fast.reference.PatchEmbed``; this class adds timm's ``norm_layer``/``flatten`` and the fast paths.
     """
 
     def __init__(self, img_size: Size2 = 224, patch_size: Size2 = 16, in_chans: int = 3, embed_dim: int = 768,
                  norm_layer=None, flatten: bool = True, bias: bool = True, num_frames: int = 1,
                  t_patch_size: int = 1, **kwargs):
-        super().__init__()
         _reject_unknown("PatchEmbed", kwargs)
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
-        if self.patch_size[0] != self.patch_size[1]:
-            raise ValueError(f"patch_size must be square, got {patch_size!r}")
-        p = self.patch_size[0]
-        H, W = self.img_size
-        if H % p or W % p:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {p}")
-        if num_frames < 1 or t_patch_size < 1 or num_frames % t_patch_size:
-            raise ValueError(f"num_frames ({num_frames}) must be a positive multiple of t_patch_size ({t_patch_size})")
-        self.grid_size = (H // p, W // p)
-        self.num_frames, self.t_patch_size = num_frames, t_patch_size
-        self.video = num_frames > 1 or t_patch_size > 1
-        self.t_grid_size = num_frames // t_patch_size
-        self.num_patches = self.t_grid_size * self.grid_size[0] * self.grid_size[1]
-        self.in_chans = in_chans
+        super().__init__(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size, bias=bias)
         self.flatten = flatten
-        if self.video:
-            k = (t_patch_size, p, p)
-            self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=k, stride=k, bias=bias)
-        else:
-            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p, bias=bias)
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
-
-    def input_shape(self) -> list:
-        """The [N, C, (T,) H, W] this embedding takes, with N as "N"."""
-        return ["N", self.in_chans, *([self.num_frames] if self.video else []), *self.img_size]
 
     def check_input(self, imgs: torch.Tensor) -> None:
         if not isinstance(imgs, torch.Tensor):

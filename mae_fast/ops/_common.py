@@ -85,3 +85,34 @@ def check_index_range(name: str, ids: torch.Tensor, upper: int) -> None:
         raise ValueError(
             f"{name} has entries outside [0, {upper}): min {int(ids.min())}, max {int(ids.max())}"
         )
+
+
+def check_clip_grid(imgs: torch.Tensor, patch_size, t_patch_size) -> tuple:
+    """Validate imgs [N, C, H, W] or a video [N, C, T, H, W] against (t_patch_size, patch_size).
+
+    Returns (N, C, T, H, W, L) with T = 1 for an image and L = T/u * H/p * W/p tokens. Raises TypeError
+    for a non-int size and ValueError for shapes that do not split into tubelets, naming the argument.
+    """
+    check_tensor("imgs", imgs, dtypes=FLOAT_DTYPES)
+    if imgs.dim() not in (4, 5):
+        raise ValueError(f"imgs must have 4 dims ([N, C, H, W]) or 5 dims ([N, C, T, H, W]), "
+                         f"got shape {_fmt_shape(imgs.shape)}")
+    for name, v in (("patch_size", patch_size), ("t_patch_size", t_patch_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be a positive int, got {v!r}")
+        if v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    p, u = patch_size, t_patch_size
+    N, C, H, W = imgs.shape[0], imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
+    if imgs.dim() == 4 and u != 1:
+        raise ValueError(f"t_patch_size must be 1 for 4-D imgs [N, C, H, W], got {u} (pass a video as [N, C, T, H, W])")
+    T = imgs.shape[2] if imgs.dim() == 5 else 1
+    if T % u or T == 0:
+        raise ValueError(f"imgs time size T={T} must be a positive multiple of t_patch_size={u}, "
+                         f"got imgs shape {_fmt_shape(imgs.shape)}")
+    if H % p or W % p or H == 0 or W == 0:
+        raise ValueError(f"imgs height and width must be positive multiples of patch_size={p}, "
+                         f"got imgs shape {_fmt_shape(imgs.shape)}")
+    if C < 1:
+        raise ValueError(f"imgs must have at least one channel, got imgs shape {_fmt_shape(imgs.shape)}")
+    return N, C, T, H, W, (T // u) * (H // p) * (W // p)

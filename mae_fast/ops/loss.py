@@ -74,6 +74,7 @@ from mae_fast.kernels import norm_pix_loss as _k
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_clip_grid,
     check_index_range,
     check_indices_enabled,
     check_same_device,
@@ -374,39 +375,11 @@ def norm_pix_loss(
     module docstring.
     """
     check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("imgs", imgs, dtypes=FLOAT_DTYPES)
-    if imgs.dim() not in (4, 5):
-        raise ValueError(
-            f"imgs must have 4 dims ([N, C, H, W]) or 5 dims ([N, C, T, H, W]), got shape {list(imgs.shape)}"
-        )
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if isinstance(t_patch_size, bool) or not isinstance(t_patch_size, int):
-        raise TypeError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
-    if t_patch_size < 1:
-        raise ValueError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
+    n, c, t, h, w, num_patches = check_clip_grid(imgs, patch_size, t_patch_size)
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     p, u = patch_size, t_patch_size
-    shape = ", ".join(map(str, imgs.shape))
-    n, c, h, w = imgs.shape[0], imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
-    if imgs.dim() == 4 and u != 1:
-        raise ValueError(
-            f"t_patch_size must be 1 for 4-D imgs [N, C, H, W], got {u} (pass a video as [N, C, T, H, W])"
-        )
-    t = imgs.shape[2] if imgs.dim() == 5 else 1
-    if t % u or t == 0:
-        raise ValueError(
-            f"imgs time size T must be a positive multiple of t_patch_size={u}, got imgs shape [{shape}]"
-        )
-    if h % p or w % p or h == 0 or w == 0:
-        raise ValueError(
-            f"imgs height and width must be positive multiples of patch_size={p}, got imgs shape [{shape}]"
-        )
-    if c < 1:
-        raise ValueError(f"imgs must have at least one channel, got imgs shape [{shape}]")
-    num_patches = (t // u) * (h // p) * (w // p)
     d = u * p * p * c
     if norm_pix and d < 2:
         raise ValueError(f"norm_pix needs at least 2 values per patch (u*p*p*C), got {d}")

@@ -34,9 +34,9 @@ from mae_fast.kernels import unshuffle_tokens as _ku
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_clip_grid,
     check_index_range,
     check_indices_enabled,
-    check_same_device,
     check_shape,
     check_tensor,
     use_triton,
@@ -326,26 +326,7 @@ def gather_patches(imgs: Tensor, ids_keep: Tensor, patch_size: int, *, t_patch_s
     ``patch_embed.proj.weight.flatten(1)`` of a Conv2d (image) or Conv3d (video, kernel (u, p, p)), not
     the order of ``reference.patchify``.
     """
-    check_tensor("imgs", imgs, dtypes=FLOAT_DTYPES)
-    if imgs.dim() not in (4, 5):
-        raise ValueError(f"imgs must have 4 dims ([N, C, H, W]) or 5 dims ([N, C, T, H, W]), "
-                         f"got shape {list(imgs.shape)}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise TypeError(f"patch_size must be a positive int, got {patch_size!r}")
-    if isinstance(t_patch_size, bool) or not isinstance(t_patch_size, int):
-        raise TypeError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
-    if t_patch_size < 1:
-        raise ValueError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
-    N, C, H, W = imgs.shape[0], imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
-    if imgs.dim() == 4 and t_patch_size != 1:
-        raise ValueError(f"t_patch_size must be 1 for 4-D imgs [N, C, H, W], got {t_patch_size} "
-                         f"(pass a video as [N, C, T, H, W])")
-    T = imgs.shape[2] if imgs.dim() == 5 else 1
-    if T % t_patch_size:
-        raise ValueError(f"imgs time size T={T} is not divisible by t_patch_size {t_patch_size}")
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"imgs spatial size ({H}, {W}) is not divisible by patch_size {patch_size}")
-    L = (T // t_patch_size) * (H // patch_size) * (W // patch_size)
+    N, _, _, _, _, L = check_clip_grid(imgs, patch_size, t_patch_size)
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, device=imgs.device)
     check_shape("ids_keep", ids_keep, (N, None))
     if ids_keep.shape[1] > L:
@@ -375,8 +356,7 @@ def _unshuffle_torch(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_emb
 
 def _unshuffle_bwd_torch(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, need_pos: bool,
                          need_mask: bool):
-    N, T, D = grad.shape
-    L = T - P
+    N, T, D = grad.shape  # T = P + L
     idx = ids_restore.long()  # [N, L]
     gpos = grad.float().sum(0, keepdim=True) if need_pos else _empty32(grad)  # [1, P+L, D]
     gt = grad[:, P:]  # [N, L, D]

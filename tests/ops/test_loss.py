@@ -390,10 +390,9 @@ def test_reference_model_forward_loss():
 
 
 # ------------------------------------------------------------------------------ Triton really runs
-@pytest.mark.parametrize("form", ["full", "masked"])
-def test_triton_path_executed_under_interpreter(triton_only, form):
-    n, c, h, w, p = 2, 3, 24, 40, 8
-    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=11)
+def _form_matches_oracle(form, n, c, h, w, p, seed):
+    """The op's loss and gradient in the full or masked-only form against the float64 oracle."""
+    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=seed)
     if form == "masked":
         pred = torch.stack([pred[b, ids[b]] for b in range(n)])
         loss, grad = run(pred, imgs, None, p, ids_masked=ids)
@@ -402,6 +401,11 @@ def test_triton_path_executed_under_interpreter(triton_only, form):
         loss, grad = run(pred, imgs, mask, p)
         ref_loss, ref_grad = oracle(pred, imgs, mask, p)
     assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["full", "masked"])
+def test_triton_path_executed_under_interpreter(triton_only, form):
+    _form_matches_oracle(form, 2, 3, 24, 40, 8, seed=11)
 
 
 @pytest.mark.parametrize("form", ["full", "masked"])
@@ -413,16 +417,7 @@ def test_triton_through_registered_ops(triton_only, monkeypatch, form):
         raise AssertionError("eager fast path used")
 
     monkeypatch.setattr(loss_mod._EagerNormPixLoss, "apply", boom)
-    n, c, h, w, p = 2, 3, 16, 40, 8
-    pred, imgs, mask, ids = make_inputs(n, c, h, w, p, seed=13)
-    if form == "masked":
-        pred = torch.stack([pred[b, ids[b]] for b in range(n)])
-        loss, grad = run(pred, imgs, None, p, ids_masked=ids)
-        ref_loss, ref_grad = oracle(pred, imgs, None, p, ids=ids)
-    else:
-        loss, grad = run(pred, imgs, mask, p)
-        ref_loss, ref_grad = oracle(pred, imgs, mask, p)
-    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+    _form_matches_oracle(form, 2, 3, 16, 40, 8, seed=13)
 
 
 def test_triton_multi_iteration_programs(triton_only, monkeypatch):

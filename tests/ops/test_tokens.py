@@ -528,7 +528,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="permutations"):
         T.unshuffle_tokens(y, bad, rnd(1, 1, D), check_indices=True)
     imgs = rnd(N, 3, 16, 16)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="positive multiples of patch_size=5"):
         T.gather_patches(imgs, ids_keep, 5)
     with pytest.raises(TypeError, match="patch_size"):
         T.gather_patches(imgs, ids_keep, 4.0)
@@ -541,7 +541,7 @@ def test_bad_inputs():
         T.gather_patches(vid[None], ids_keep, 4)
     with pytest.raises(ValueError, match="t_patch_size must be 1 for 4-D imgs"):
         T.gather_patches(imgs, ids_keep, 4, t_patch_size=2)
-    with pytest.raises(ValueError, match="T=4 is not divisible by t_patch_size 3"):
+    with pytest.raises(ValueError, match="T=4 must be a positive multiple of t_patch_size=3"):
         T.gather_patches(vid, ids_keep, 4, t_patch_size=3)
     with pytest.raises(ValueError, match="t_patch_size must be a positive int, got 0"):
         T.gather_patches(vid, ids_keep, 4, t_patch_size=0)
@@ -549,7 +549,7 @@ def test_bad_inputs():
         T.gather_patches(vid, ids_keep, 4, t_patch_size=2.0)
     with pytest.raises(TypeError, match="t_patch_size must be a positive int, got True"):
         T.gather_patches(vid, ids_keep, 4, t_patch_size=True)
-    with pytest.raises(ValueError, match=r"spatial size \(8, 8\) is not divisible by patch_size 3"):
+    with pytest.raises(ValueError, match=r"positive multiples of patch_size=3, got imgs shape \[2, 3, 4, 8, 8\]"):
         T.gather_patches(vid, ids_keep, 3, t_patch_size=2)
     with pytest.raises(ValueError, match="only L=8"):
         T.gather_patches(vid, make_ids(N, 16, 9)[0], 4, t_patch_size=2)
