@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..testing import rel_err
+
 BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "xformers")
 _SDPA = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -202,15 +204,6 @@ def _wall_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    if not bool(torch.isfinite(a).all()):
-        return float("inf")
-    den = float(b.norm())
-    num = float((a - b).norm())
-    return num if den == 0 else num / den
-
-
 def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, grad: bool, tol: float,
                  warmup: int, reps: int):
     """(milliseconds, None) for a backend that runs correctly, else (None, why it was not chosen)."""
@@ -218,14 +211,15 @@ def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, g
     try:
         xs = [t[:b].clone().requires_grad_(grad) for t in full]
         out = _run(name, *xs, 0.0, scale)
-        errs = [_rel_err(out, ref_out)]
+        errs = [rel_err(out, ref_out)]
         if grad:
             grads = torch.autograd.grad(out, xs, g_out[:b], allow_unused=True)
-            errs += [_rel_err(torch.zeros_like(x) if a is None else a, r) for a, x, r in zip(grads, xs, ref_grads)]
+            errs += [rel_err(torch.zeros_like(x) if a is None else a, r) for a, x, r in zip(grads, xs, ref_grads)]
     except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape is simply not chosen
         return None, _why(e)
-    if max(errs) > tol:
-        return None, f"incorrect: relative error {max(errs):.3g} > {tol:g} against fp32 math"
+    worst = next((e for e in errs if not e <= tol), None)  # a NaN error (non-finite output) fails too
+    if worst is not None:
+        return None, f"incorrect: relative error {worst:.3g} > {tol:g} against fp32 math"
     xs = [t.detach().requires_grad_(grad) for t in full]  # the real call's strides
 
     def step():

@@ -56,22 +56,25 @@ def test_auto_picks_the_fastest_correct_backend(monkeypatch):
         last["name"] = name
         if name == "broken":  # fast and wrong
             return q * 0 + 1
+        if name == "nan":  # fast and not finite
+            return q * float("nan")
         if name == "missing":
             raise RuntimeError("no kernel for this shape")
         return real_run(name, q, k, v, dropout_p, scale)
 
     def fake_ms(fn, device, warmup, reps):
         fn()
-        return {"broken": 0.1, "flash": 2.0, "math": 1.0}[last["name"]]
+        return {"broken": 0.1, "nan": 0.1, "flash": 2.0, "math": 1.0}[last["name"]]
 
     monkeypatch.setattr(A, "_run", fake_run)
     monkeypatch.setattr(A, "_wall_ms", fake_ms)
-    monkeypatch.setattr(A, "candidates", lambda device: ["broken", "missing", "flash", "math"])
+    monkeypatch.setattr(A, "candidates", lambda device: ["broken", "nan", "missing", "flash", "math"])
     A.attention(*_qkv())
     (entry,) = A.attn_autotune_results().values()
     assert entry["backend"] == "math"
     assert entry["times_ms"] == {"flash": 2.0, "math": 1.0}
     assert entry["rejected"]["broken"].startswith("incorrect: relative error")
+    assert entry["rejected"]["nan"].startswith("incorrect: relative error nan")
     assert entry["rejected"]["missing"] == "unavailable: RuntimeError: no kernel for this shape"
     with pytest.raises(RuntimeError, match="no attention backend runs this shape correctly"):
         A.tune(*_qkv(), names=["broken", "missing"])
@@ -163,3 +166,19 @@ def test_auto_measures_in_the_callers_memory_layout(monkeypatch):
     assert "strides=" + ",".join(map(str, q.stride())) in key
     timed = [s for b, s in seen if b == B]
     assert timed and all(s == q.stride() for s in timed)
+
+
+def test_public_names_and_a_model_step():
+    """The README's calls: mae_fast.nn exports the autotune controls; a model step records both attention shapes."""
+    import mae_fast.nn as mnn
+    import mae_fast.models as M
+
+    assert mnn.attn_autotune_results is A.attn_autotune_results and mnn.set_attn_autotune is A.set_attn_autotune
+    torch.manual_seed(0)
+    m = M.mae_vit_tiny_patch8()
+    m.forward_train(torch.randn(2, 3, 64, 64), 0.75).backward()
+    keys = list(mnn.attn_autotune_results())
+    assert len(keys) == 2 and any("Nq=17|" in k and "hd=64|" in k for k in keys)  # encoder: 1 + 16 tokens
+    assert any("Nq=65|" in k and "hd=32|" in k for k in keys)  # decoder: 1 + 64 tokens
+    mnn.clear_attn_autotune()
+    assert mnn.attn_autotune_results() == {}
