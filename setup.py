@@ -41,12 +41,10 @@ def _extension():
     return CppExtension("mae_fast._C", cpp, extra_compile_args={"cxx": cxx})
 
 
-packages = find_packages(include=["mae_fast", "mae_fast.*"]) + ["mae_fast.kernels"]
-
+# kernels/ is reached as mae_fast.kernels through the symlink mae_fast/kernels -> ../kernels, the same in a
+# plain checkout, an editable install and a wheel (which holds the files themselves); find_packages follows it.
 setup(
-    packages=packages,
-    # kernels/ is installed as mae_fast.kernels; no top-level `kernels` module exists.
-    package_dir={"mae_fast.kernels": "kernels"},
+    packages=find_packages(include=["mae_fast", "mae_fast.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

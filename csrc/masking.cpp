@@ -1,6 +1,6 @@
 // The masking engine: op schemas (TORCH_LIBRARY_FRAGMENT) and the CPU implementation.
 //
-// Ops (the public wrapper is mae_fast/ops/masking.py; these are its building blocks):
+// Ops (the public wrapper is mae_fast/ops/random_masking.py; these are its building blocks):
 //   mae_fast::random_masking(Tensor device_like, int batch_size, int spatial_tokens,
 //       int spatial_keep, int frames, Generator? generator) -> (ids_keep, ids_restore, mask)
 //     keys from Philox4x32-10 seeded and offset from the device's generator.
@@ -30,6 +30,7 @@
 #include <mutex>
 #include <vector>
 
+#include "mask_rows.h"
 #include "philox.h"
 
 namespace mae_fast {
@@ -41,24 +42,11 @@ struct Entry {
   bool operator<(const Entry& o) const { return key < o.key || (key == o.key && idx < o.idx); }
 };
 
-// One sample's outputs from its sorted order (idx_at(r) = spatial token of rank r); see masking.h.
+// One sample's outputs from its sorted order (idx_at(r) = spatial token of rank r); see mask_rows.h.
 template <typename IdxAt>
 inline void write_sample(int64_t* keep_n, int64_t* restore_n, float* mask_n, int64_t Ls, int64_t Ks, int64_t T,
                          const IdxAt& idx_at) {
-  const int64_t K = T * Ks;
-  for (int64_t r = 0; r < Ls; ++r) {
-    const int64_t s = idx_at(r);
-    for (int64_t t = 0; t < T; ++t) {
-      if (r < Ks) {
-        keep_n[t * Ks + r] = t * Ls + s;
-        restore_n[t * Ls + s] = t * Ks + r;
-        mask_n[t * Ls + s] = 0.f;
-      } else {
-        restore_n[t * Ls + s] = K + t * (Ls - Ks) + (r - Ks);
-        mask_n[t * Ls + s] = 1.f;
-      }
-    }
-  }
+  for (int64_t r = 0; r < Ls; ++r) write_rank(r, idx_at(r), Ls, Ks, T, keep_n, restore_n, mask_n);
 }
 
 // Sort each sample's entries (filled by fill(n, entries)) and write the three outputs.
@@ -130,11 +118,8 @@ MaskingResult random_masking_cpu(const at::Tensor& device_like, int64_t batch_si
 }
 
 MaskingResult masking_from_noise_cpu(const at::Tensor& noise_in, int64_t spatial_keep, int64_t frames) {
-  TORCH_CHECK_VALUE(noise_in.dim() == 2, "noise must be [N, L / frames], got ", shape_str(noise_in.sizes()));
-  TORCH_CHECK_VALUE(at::isFloatingType(noise_in.scalar_type()), "noise must be a floating tensor, got ",
-                    std::string(c10::toString(noise_in.scalar_type())));
+  check_noise(noise_in, spatial_keep, frames);
   const int64_t batch_size = noise_in.size(0), spatial_tokens = noise_in.size(1);
-  check_sizes(batch_size, spatial_tokens, spatial_keep, frames);
   const at::Tensor noise = noise_in.contiguous();
   auto out = empty_outputs(noise.device(), batch_size, spatial_tokens, spatial_keep, frames);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, noise.scalar_type(), "masking_from_noise_cpu", [&] {

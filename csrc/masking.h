@@ -2,10 +2,8 @@
 //
 // Every implementation sorts, per sample, the pairs (key, spatial token index) of the
 // spatial_tokens = L / frames tokens lexicographically (so ties go to the lower index, like a
-// stable argsort), takes the first spatial_keep as kept, and writes with write order:
-//   rank r < Ks, token s, frame t:  ids_keep[t*Ks + r] = t*Ls + s, ids_restore[t*Ls + s] = t*Ks + r
-//   rank r >= Ks:                   ids_restore[t*Ls + s] = K + t*(Ls-Ks) + (r-Ks), mask = 1
-// with K = T*Ks. For frames == 1 this is exactly the reference double argsort.
+// stable argsort), takes the first spatial_keep as kept, and writes the outputs with write_rank
+// (mask_rows.h). For frames == 1 this is exactly the reference double argsort.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,6 +35,13 @@ inline void check_sizes(int64_t batch_size, int64_t spatial_tokens, int64_t spat
   TORCH_CHECK_VALUE(frames >= 1, "frames must be >= 1, got ", num(frames));
   TORCH_CHECK_VALUE(spatial_keep >= 1 && spatial_keep <= spatial_tokens,
                     "spatial_keep must be in [1, spatial_tokens=", num(spatial_tokens), "], got ", num(spatial_keep));
+}
+
+inline void check_noise(const at::Tensor& noise, int64_t spatial_keep, int64_t frames) {
+  TORCH_CHECK_VALUE(noise.dim() == 2, "noise must be [N, L / frames], got ", shape_str(noise.sizes()));
+  TORCH_CHECK_VALUE(at::isFloatingType(noise.scalar_type()), "noise must be a floating tensor, got ",
+                    std::string(c10::toString(noise.scalar_type())));
+  check_sizes(noise.size(0), noise.size(1), spatial_keep, frames);
 }
 
 inline MaskingResult empty_outputs(const at::Device& device, int64_t batch_size, int64_t spatial_tokens,

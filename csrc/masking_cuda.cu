@@ -3,7 +3,7 @@
 // One block per sample. The block computes its spatial_tokens keys (Philox4x32-10, or the
 // given noise as order-preserving bits), pads them to a power of two P with +inf entries,
 // bitonic-sorts the (key, token index) pairs lexicographically (ties to the lower index, as
-// on the CPU), then writes ids_keep, ids_restore and mask (layout in masking.h).
+// on the CPU), then writes ids_keep, ids_restore and mask (mask_rows.h, shared with the CPU).
 //
 // Storage for the sort: shared memory (12 bytes per padded token; up to the device's opt-in
 // limit, e.g. 227 KiB on H100/H200, so P <= 16384) or, beyond it, a scratch buffer in global
@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "mask_rows.h"
 #include "philox.h"
 
 namespace mae_fast {
@@ -108,21 +109,8 @@ __global__ void masking_kernel(const scalar_t* __restrict__ noise, at::PhiloxCud
   }
 
   const int64_t L = T * Ls, K = T * Ks;
-  int64_t* keep_n = keep + n * K;
-  int64_t* restore_n = restore + n * L;
-  float* mask_n = mask + n * L;
   for (int64_t r = threadIdx.x; r < Ls; r += blockDim.x) {
-    const int64_t s = static_cast<int64_t>(idx[r]);
-    for (int64_t t = 0; t < T; ++t) {
-      if (r < Ks) {
-        keep_n[t * Ks + r] = t * Ls + s;
-        restore_n[t * Ls + s] = t * Ks + r;
-        mask_n[t * Ls + s] = 0.f;
-      } else {
-        restore_n[t * Ls + s] = K + t * (Ls - Ks) + (r - Ks);
-        mask_n[t * Ls + s] = 1.f;
-      }
-    }
+    write_rank(r, static_cast<int64_t>(idx[r]), Ls, Ks, T, keep + n * K, restore + n * L, mask + n * L);
   }
 }
 
@@ -214,11 +202,8 @@ MaskingResult random_masking_seeded_cuda(const at::Tensor& device_like, int64_t 
 }
 
 MaskingResult masking_from_noise_cuda(const at::Tensor& noise_in, int64_t spatial_keep, int64_t frames) {
-  TORCH_CHECK_VALUE(noise_in.dim() == 2, "noise must be [N, L / frames], got ", shape_str(noise_in.sizes()));
-  TORCH_CHECK_VALUE(at::isFloatingType(noise_in.scalar_type()), "noise must be a floating tensor, got ",
-                    std::string(c10::toString(noise_in.scalar_type())));
+  check_noise(noise_in, spatial_keep, frames);
   const int64_t batch_size = noise_in.size(0), spatial_tokens = noise_in.size(1);
-  check_sizes(batch_size, spatial_tokens, spatial_keep, frames);
   const c10::cuda::CUDAGuard guard(noise_in.device());
   const at::Tensor noise = noise_in.contiguous();  // [N, Ls]
   auto out = empty_outputs(noise.device(), batch_size, spatial_tokens, spatial_keep, frames);

@@ -69,9 +69,3 @@ def gather_patches_bwd_kernel(
     base = n * E * L + s * (TUBE * H * W) + ph * (PATCH * W) + pw * PATCH  # [BR]
     dst = base[:, None] + (c.to(tl.int64) * T * H * W + f * (H * W) + i * W + j)[None, :]
     tl.store(gi_ptr + dst, g.to(gi_ptr.dtype.element_ty), mask=row_ok[:, None] & e_ok[None, :])
-
-
-def blocks(E: int):
-    """(BLOCK_R, BLOCK_E, num_warps): 256-wide blocks over C*u*p*p (768 for p=16, C=3), several patches each."""
-    block_e = min(256, triton.next_power_of_2(E))
-    return max(1, 4096 // block_e), block_e, 4

@@ -89,24 +89,3 @@ def gather_tokens_bwd_kernel(
                 acc += tl.sum(g.to(tl.float32), axis=0)
         if NEED_POS:
             tl.store(part_ptr + (s.to(tl.int64) * (P + L) + r) * D + cols, acc, mask=col_ok)
-
-
-def fwd_blocks(D: int):
-    """(BLOCK_R, BLOCK_D, num_warps) for the row-copy forward: 256-wide column blocks (exact for the
-    common D = 512/768/1024/1280), ~4096 elements per program (several rows)."""
-    block_d = min(256, triton.next_power_of_2(D))
-    return max(1, 4096 // block_d), block_d, 4
-
-
-def bwd_blocks(N: int, rows: int, D: int, target_programs: int = 2048):
-    """(BLOCK_N, BLOCK_D, splits, chunk_n, num_warps) for the l-major backward: enough programs to fill a
-    large GPU (N is split into `splits` chunks whose fp32 partials the caller sums). Wide column blocks
-    (one or two per row for D <= 2048) keep the program count low; the N split restores parallelism."""
-    block_d = min(1024, triton.next_power_of_2(D))
-    block_n = max(1, min(4096 // block_d, triton.next_power_of_2(max(N, 1))))
-    n_blocks = triton.cdiv(max(N, 1), block_n)
-    base = rows * triton.cdiv(D, block_d)
-    splits = max(1, min(n_blocks, triton.cdiv(target_programs, max(base, 1))))
-    chunk = triton.cdiv(n_blocks, splits) * block_n
-    splits = triton.cdiv(max(N, 1), chunk)
-    return block_n, block_d, splits, chunk, 4

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused normalized-pixel loss (see ``mae_fast.ops.loss``).
+"""Triton kernels of the fused normalized-pixel loss (the op: ``mae_fast.ops.norm_pix_loss``).
 
 Rows: one row per predicted patch (``R = N * Lp`` rows, ``Lp`` = L for the full form, M for the
 masked-only form). A program of ``_fwd_kernel`` handles ``ITERS`` blocks of ``BLOCK_P`` rows. A row's
@@ -27,7 +27,7 @@ order: loss = sum / den. No float atomics anywhere: the result is deterministic.
 fp16 (``PRESCALE``): grad1 is of the order 1 / (D * den) (about 1e-7 at N=256, p=16), below fp16's
 smallest normal (6.1e-5): stored as is it would keep 1 to 3 significant bits, and a GradScaler's
 grad_output of 65536 would scale that noise. fp16 buffers therefore hold grad1 * s with s a power of
-two near D * den / 8 (values of the order of diff, as the old saved diff), and ``_finish_kernel`` writes
+two near D * den / 8 (values of the order of diff), and ``_finish_kernel`` writes
 ``unscale`` = 1 / s (exact); ``unscale`` is 1 for fp32 and bf16.
 
 Backward (``_scale_kernel``): grad_pred = gbuf * (grad_output * unscale), computed in fp32. In place
@@ -36,6 +36,8 @@ Backward (``_scale_kernel``): grad_pred = gbuf * (grad_output * unscale), comput
 always writes a new tensor.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -174,6 +176,27 @@ def _scale_kernel(src_ptr, go_ptr, unscale_ptr, out_ptr, T,
         tl.store(out_ptr + idx, (v * factor).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+class FwdConfig(NamedTuple):
+    pp_pad: int  # U*P*P pixels padded to a power of two
+    c_pad: int  # C channels padded to a power of two
+    block_p: int  # patches per block
+    iters: int  # blocks per program
+    num_warps: int
+    grid: int
+
+
+class BlockConfig(NamedTuple):
+    block: int
+    num_warps: int
+
+
+class ScaleConfig(NamedTuple):
+    block: int
+    iters: int
+    num_warps: int
+    grid: int
+
+
 def _rows_per_program(R: int, block_p: int, max_programs: int):
     iters = 1
     while iters < 8 and triton.cdiv(R, block_p * iters) > max_programs:
@@ -181,38 +204,31 @@ def _rows_per_program(R: int, block_p: int, max_programs: int):
     return iters, triton.cdiv(R, block_p * iters)
 
 
-def fwd_config(R: int, P: int, C: int, U: int = 1, tile: int = 1024, max_programs: int = 1 << 16):
-    """(PP_PAD, C_PAD, BLOCK_P, ITERS, num_warps, grid) of ``_fwd_kernel`` over R patches of U*P*P pixels.
-
-    Measured on an H200 (N=256, 224x224, bf16, p=16 and 14) with the kernel that stored the diff of
-    counted rows: one patch per program with a single warp was fastest (67 us vs 75 us for two patches
-    and two warps, 79-118 us for a flat image-order tile). Not re-measured since the kernel writes the
-    gradient of every row. Video tubelets (U > 1) not measured.
-    """
+def fwd_config(R: int, P: int, C: int, U: int = 1, tile: int = 1024, max_programs: int = 1 << 16) -> FwdConfig:
+    """``_fwd_kernel`` over R patches of U*P*P pixels: one patch per program and a single warp at p = 16
+    (measured fastest on an H200, docs/OPS.md); up to ITERS = 8 blocks per program past max_programs."""
     pp_pad, c_pad = triton.next_power_of_2(U * P * P), triton.next_power_of_2(C)
     block_p = max(1, min(16, tile // (pp_pad * c_pad)))
     num_warps = max(1, min(8, block_p * pp_pad * c_pad // 1024))
     iters, grid = _rows_per_program(R, block_p, max_programs)
-    return pp_pad, c_pad, block_p, iters, num_warps, grid
+    return FwdConfig(pp_pad, c_pad, block_p, iters, num_warps, grid)
 
 
-def den_config(T: int):
-    """(BLOCK, num_warps) of ``_den_kernel`` over T weights (N=256, L=196: 4 loop steps of 16384)."""
-    block = min(16384, max(128, triton.next_power_of_2(T)))
-    return block, (4 if block <= 2048 else (8 if block <= 8192 else 16))
+def den_config(T: int, max_block: int = 16384) -> BlockConfig:
+    """``_den_kernel`` over T weights (N=256, L=196: 4 loop steps of 16384)."""
+    block = min(max_block, max(128, triton.next_power_of_2(T)))
+    return BlockConfig(block, 4 if block <= 2048 else (8 if block <= 8192 else 16))
 
 
-def scale_config(T: int, block: int = 4096, max_programs: int = 2048):
-    """(BLOCK, ITERS, num_warps, grid) of ``_scale_kernel`` over T values.
-
-    Few programs (up to ITERS = 8 blocks each) keep the launch of the in-place early exit short.
-    """
+def scale_config(T: int, block: int = 4096, max_programs: int = 2048) -> ScaleConfig:
+    """``_scale_kernel`` over T values: few programs (up to ITERS = 8 blocks each) keep the launch of the
+    in-place early exit short."""
     block = min(block, max(128, triton.next_power_of_2(T)))
     iters, grid = _rows_per_program(T, block, max_programs)
-    return block, iters, (4 if block <= 2048 else 8), grid
+    return ScaleConfig(block, iters, 4 if block <= 2048 else 8, grid)
 
 
-def finish_config(G: int):
-    """(BLOCK, num_warps) of the finishing reduction over G partial sums."""
-    block = min(8192, max(128, triton.next_power_of_2(G)))
-    return block, (4 if block <= 1024 else 8)
+def finish_config(G: int, max_block: int = 8192) -> BlockConfig:
+    """The finishing reduction over G partial sums."""
+    block = min(max_block, max(128, triton.next_power_of_2(G)))
+    return BlockConfig(block, 4 if block <= 1024 else 8)

@@ -1,6 +1,6 @@
 """`python -m mae_fast` is the `mae-fast` command."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

@@ -1,8 +1,8 @@
 """The reference MAE: the published algorithm (He et al. 2021), written plainly and eagerly.
 
-This is the baseline for every parity test and every benchmark. Names, constructor
-arguments, parameter names/shapes/registration order and initialisation follow the official
-``models_mae.py`` (facts in shared/REFERENCE_FACTS.md), so official checkpoints load into it.
+This is the baseline for every parity test and every benchmark, and it shares no code with the fast
+model. Names, constructor arguments, parameter names/shapes/registration order and initialisation
+follow the official ``models_mae.py``, so official checkpoints load into it.
 Blocks follow timm's layout (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
 ``mlp.fc2``) with attention through ``F.scaled_dot_product_attention``.
 
@@ -22,13 +22,14 @@ mae_fast's video model: there is no official checkpoint to load into it.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .configs import LAYER_NORM, factories
 
 Size2 = Union[int, Tuple[int, int]]
 
@@ -172,11 +173,50 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Ten
         ids_shuffle = torch.argsort(key.reshape(N, L), dim=1)  # [N, L]
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # [N, L]
     ids_keep = ids_shuffle[:, :K]  # [N, K]
-    x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))  # [N, K, D]
+    x_masked = gather_visible(x, ids_keep)  # [N, K, D]
     mask = torch.ones(N, L, device=x.device)
     mask[:, :K] = 0
     mask = torch.gather(mask, 1, ids_restore)  # [N, L]
     return x_masked, mask, ids_restore, ids_keep
+
+
+def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor] = None,
+                   prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The encoder input as the official code builds it: x [N, L, D] (+ pos_embed [1, L, D] on every
+    token), the tokens at ids_keep [N, K] by an index-repeat gather, prefix rows [1, P, D] in front."""
+    N, L, D = x.shape
+    if pos_embed is not None:
+        x = x + pos_embed  # [N, L, D]
+    out = torch.gather(x, 1, ids_keep.long().unsqueeze(-1).repeat(1, 1, D))  # [N, K, D]
+    if prefix is not None:
+        out = torch.cat([prefix.expand(N, -1, -1), out], dim=1)  # [N, P+K, D]
+    return out
+
+
+def decoder_input(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                  pos_embed: Optional[torch.Tensor] = None, num_prefix: int = 1) -> torch.Tensor:
+    """The decoder input as the official code builds it: x [N, P+K, D] -> mask tokens appended, the
+    tokens unshuffled by ids_restore [N, L], the prefix rows put back, + pos_embed [1, P+L, D]."""
+    N, T_in, D = x.shape
+    P, L = num_prefix, ids_restore.shape[1]
+    mask_tokens = mask_token.reshape(1, 1, D).repeat(N, L + P - T_in, 1)  # [N, L-K, D]
+    x_ = torch.cat([x[:, P:], mask_tokens], dim=1)  # [N, L, D]
+    x_ = torch.gather(x_, 1, ids_restore.long().unsqueeze(-1).repeat(1, 1, D))  # unshuffle, [N, L, D]
+    out = torch.cat([x[:, :P], x_], dim=1)  # [N, P+L, D]
+    return out if pos_embed is None else out + pos_embed
+
+
+def visible_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, t_patch_size: int = 1) -> torch.Tensor:
+    """The raw pixels a visible-only patch embedding takes: imgs [N, C, (T,) H, W] cut into (tubelet) patches
+    in the (C, (u,) p, p) order of the flattened conv weight, then the rows at ids_keep [N, K]."""
+    p, u = patch_size, t_patch_size
+    if imgs.dim() == 4:
+        cols = F.unfold(imgs, kernel_size=p, stride=p).transpose(1, 2)  # [N, L, C*p*p]
+    else:
+        N, C = imgs.shape[:2]
+        tubes = imgs.unfold(2, u, u).unfold(3, p, p).unfold(4, p, p)  # [N, C, T', h, w, u, p, p]
+        cols = tubes.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(N, -1, C * u * p * p)  # [N, L, C*u*p*p]
+    return torch.gather(cols, 1, ids_keep.long().unsqueeze(-1).repeat(1, 1, cols.shape[-1]))  # [N, K, C*u*p*p]
 
 
 def patch_loss(
@@ -422,12 +462,7 @@ class MaskedAutoencoderViT(PatchLayoutMethods, nn.Module):
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)  # [N, 1+K, Dd]
-        n_mask = ids_restore.shape[1] + 1 - x.shape[1]
-        mask_tokens = self.mask_token.repeat(x.shape[0], n_mask, 1)  # [N, L-K, Dd]
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd]
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))  # unshuffle, [N, L, Dd]
-        x = torch.cat([x[:, :1, :], x_], dim=1)  # [N, 1+L, Dd]
-        x = x + self.decoder_pos_embed
+        x = decoder_input(x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
@@ -447,43 +482,8 @@ class MaskedAutoencoderViT(PatchLayoutMethods, nn.Module):
 
 
 # --------------------------------------------------------------------------- factories
-_LN = partial(nn.LayerNorm, eps=1e-6)
-_DEC = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-
-# Factory name -> constructor arguments (mlp_ratio 4 and LayerNorm(eps=1e-6) are added for all).
-# Shared by mae_fast.models, which builds its fast model from the same table.
-CONFIGS = {
-    "mae_vit_base_patch16_dec512d8b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC),
-    "mae_vit_large_patch16_dec512d8b": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC),
-    "mae_vit_huge_patch14_dec512d8b": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC),
-    # not an official config: 64x64 images, 8x8 patches (L = 64), a ViT-Tiny-like encoder, a 2-block
-    # decoder; for CPU tests and the CPU benchmark default
-    "mae_vit_tiny_patch8_dec128d2b": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                                          decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-}
-ALIASES = {  # the official short names
-    "mae_vit_base_patch16": "mae_vit_base_patch16_dec512d8b",
-    "mae_vit_large_patch16": "mae_vit_large_patch16_dec512d8b",
-    "mae_vit_huge_patch14": "mae_vit_huge_patch14_dec512d8b",
-    "mae_vit_tiny_patch8": "mae_vit_tiny_patch8_dec128d2b",
-}
-
-
-def make_factory(cls, name: str):
-    """A factory function building ``cls`` with the config named ``name`` (kwargs override)."""
-    cfg = CONFIGS[ALIASES.get(name, name)]
-
-    def build(**kwargs):
-        args = dict(cfg, mlp_ratio=4, norm_layer=_LN)
-        args.update(kwargs)
-        return cls(**args)
-
-    build.__name__ = name
-    build.__doc__ = f"{cls.__name__} with the {ALIASES.get(name, name)} config; keyword arguments override it."
-    return build
-
-
-MODELS = {name: make_factory(MaskedAutoencoderViT, name) for name in [*CONFIGS, *ALIASES]}
+_LN = LAYER_NORM
+MODELS = factories(MaskedAutoencoderViT)
 mae_vit_base_patch16_dec512d8b = MODELS["mae_vit_base_patch16_dec512d8b"]
 mae_vit_large_patch16_dec512d8b = MODELS["mae_vit_large_patch16_dec512d8b"]
 mae_vit_huge_patch14_dec512d8b = MODELS["mae_vit_huge_patch14_dec512d8b"]

@@ -13,13 +13,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return num if den == 0 else num / den
 
 
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
+
+
 def assert_close_to_oracle(
-    out: torch.Tensor, exact: torch.Tensor, same_dtype: torch.Tensor, *, atol: float = 0.0, name: str = "out"
+    out: torch.Tensor, exact: torch.Tensor, same_dtype: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0,
+    name: str = "out"
 ) -> None:
-    """|out - exact| <= 2 * |same_dtype - exact| + atol, elementwise.
+    """|out - exact| <= 2 * |same_dtype - exact| + rtol * |exact| + atol, elementwise.
 
     ``exact``: the float64 oracle; ``same_dtype``: the plain torch implementation run in the
-    same dtype as ``out``. The fast op may err at most twice as much as torch itself does.
+    same dtype as ``out``. The fast op may err at most twice as much as torch itself does. ``rtol`` of
+    ``ULP[dtype]`` allows one rounding step more (Triton's interpreter truncates where a GPU rounds).
     """
     o, e, s = (t.detach().double().cpu() for t in (out, exact, same_dtype))
     if o.shape != e.shape:
@@ -27,7 +32,7 @@ def assert_close_to_oracle(
     if not torch.isfinite(o).all():
         raise AssertionError(f"{name}: non-finite values")
     err = (o - e).abs()
-    bound = 2 * (s - e).abs() + atol
+    bound = 2 * (s - e).abs() + rtol * e.abs() + atol
     bad = err > bound
     if bad.any():
         i = int(bad.flatten().nonzero()[0])
@@ -36,6 +41,54 @@ def assert_close_to_oracle(
             f"first at flat index {i}: out={o.flatten()[i]:.6g} exact={e.flatten()[i]:.6g} "
             f"torch={s.flatten()[i]:.6g}"
         )
+
+
+def randn(*shape, dtype: torch.dtype = torch.float32, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Normal values from a seeded generator (the same on every device), then cast."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+
+def random_ids(N: int, L: int, K: int, dtype: torch.dtype = torch.int64, device="cpu", seed: int = 0):
+    """(ids_keep [N, K], ids_restore [N, L]) as the official random_masking makes them from uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    ids_shuffle = torch.rand(N, L, generator=g).argsort(1)  # [N, L]
+    ids_restore = ids_shuffle.argsort(1)  # [N, L]
+    return ids_shuffle[:, :K].to(dtype).to(device), ids_restore.to(dtype).to(device)
+
+
+def _run_with_grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+              for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out, [t.grad if isinstance(t, torch.Tensor) and t.is_floating_point() else None for t in leaves]
+
+
+def check_op(fn, oracle, inputs, grad_out: torch.Tensor, *, name: str = "op", rtol: float = None,
+             atol: float = 1e-6) -> None:
+    """``fn(*inputs)`` and every gradient of its float inputs against ``oracle`` run in float64, within
+    twice the error of ``oracle`` run in the inputs' own dtype (:func:`assert_close_to_oracle`).
+
+    ``rtol`` defaults to one ulp of the output dtype; ``atol`` is scaled by (1 + max |exact|), the fp32
+    summation error of reductions taken in another order than torch's. Gradients must come back in their
+    input's dtype.
+    """
+    out, grads = _run_with_grads(fn, inputs, grad_out)
+    wide = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    exact, grads64 = _run_with_grads(oracle, wide, grad_out.double())
+    same, grads_same = _run_with_grads(oracle, inputs, grad_out)
+    rtol = ULP[out.dtype] if rtol is None else rtol
+    assert_close_to_oracle(out, exact, same, rtol=rtol, atol=atol * (1 + exact.abs().max().item()), name=f"{name} out")
+    for i, (g, g64, gs) in enumerate(zip(grads, grads64, grads_same)):
+        if g64 is None:
+            continue
+        if g is None:
+            raise AssertionError(f"{name}: no gradient for input {i}")
+        if g.dtype != inputs[i].dtype:
+            raise AssertionError(f"{name}: gradient of input {i} is {g.dtype}, the input is {inputs[i].dtype}")
+        assert_close_to_oracle(g, g64, gs, rtol=rtol, atol=atol * (1 + g64.abs().max().item()),
+                               name=f"{name} grad[{i}]")
 
 
 def assert_same_mae_step(ref, fast, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor, *,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (see ../shared/GPU.md): build for sm_90, run the test suite on
+# One call on a GPU machine: build for sm_90, run the test suite on
 # CUDA, run the benchmarks, write logs and JSON under $OUT, print a short summary last.
 #
 #   bash scripts/gpu_check.sh [build] [tests] [bench] [model-bench]     (default: all four)
-#   TESTS="tests/ops/test_loss.py" bash scripts/gpu_check.sh build tests
-#   BENCHES="bench/bench_tokens.py" TEST_TIMEOUT=300 bash scripts/gpu_check.sh build tests bench
+#   TESTS="tests/ops/test_norm_pix_loss.py" bash scripts/gpu_check.sh build tests
+#   BENCHES="bench/bench_gather_tokens.py" TEST_TIMEOUT=300 bash scripts/gpu_check.sh build tests bench
 #
 # Uses the machine's python3 (torch with CUDA) as is: no venv, no installs beyond this package.
 set -uo pipefail

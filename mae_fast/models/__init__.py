@@ -1,16 +1,9 @@
 """The fast MaskedAutoencoderViT and its factories (official names, short aliases, the tiny config)."""
-from .. import reference as _reference
-from .mae import MaskedAutoencoderViT, load_pretrained_encoder
+from .. import configs as _configs
+from .mae import MaskedAutoencoderViT, init_weights, load_pretrained_encoder
 
-MODELS = {name: _reference.make_factory(MaskedAutoencoderViT, name) for name in _reference.MODELS}
-mae_vit_base_patch16_dec512d8b = MODELS["mae_vit_base_patch16_dec512d8b"]
-mae_vit_large_patch16_dec512d8b = MODELS["mae_vit_large_patch16_dec512d8b"]
-mae_vit_huge_patch14_dec512d8b = MODELS["mae_vit_huge_patch14_dec512d8b"]
-mae_vit_tiny_patch8_dec128d2b = MODELS["mae_vit_tiny_patch8_dec128d2b"]
-mae_vit_base_patch16 = MODELS["mae_vit_base_patch16"]
-mae_vit_large_patch16 = MODELS["mae_vit_large_patch16"]
-mae_vit_huge_patch14 = MODELS["mae_vit_huge_patch14"]
-mae_vit_tiny_patch8 = MODELS["mae_vit_tiny_patch8"]
+MODELS = _configs.factories(MaskedAutoencoderViT)
+globals().update(MODELS)  # mae_vit_base_patch16(), ... : every factory name of mae_fast.configs
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
@@ -20,4 +13,4 @@ def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MaskedAutoencoderViT", "MODELS", "create_model", "load_pretrained_encoder", *MODELS]
+__all__ = ["MaskedAutoencoderViT", "MODELS", "create_model", "init_weights", "load_pretrained_encoder", *MODELS]

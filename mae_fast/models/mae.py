@@ -1,27 +1,21 @@
 """The fast MaskedAutoencoderViT: the official model's interface, built from mae_fast's ops.
 
 Same constructor, parameter names, shapes, registration order and initialisation as the official
-model (and ``mae_fast.reference``), so checkpoints and optimizer state line up. One training step:
+model, so checkpoints and optimizer state line up. One training step:
 
   imgs [N, C, H, W]
   -> ops.random_masking: ids_keep [N, K], ids_restore [N, L], mask [N, L]     (one launch)
   -> PatchEmbed.forward_visible: ops.gather_patches + one GEMM on kept patches only
   -> + pos_embed at ids_keep, prepend cls + its position                      [N, 1+K, D]
-  -> encoder Blocks (mae_fast.nn, attention backend selectable) -> norm
+  -> encoder Blocks (mae_fast.nn) -> norm
   -> decoder_embed -> ops.unshuffle_tokens (mask tokens + decoder pos_embed)  [N, 1+L, Dd]
   -> decoder Blocks -> decoder_norm -> decoder_pred
   -> ops.norm_pix_loss straight from imgs (loss and gradient in one pass)
 
-``forward`` returns (loss, pred, mask) with pred for every patch, as the official model.
-``forward_train`` returns the loss only and applies decoder_norm/decoder_pred to the removed tokens
-only (the visible ones do not enter the loss): the same loss, fewer FLOPs and less memory.
-
-Mask ratio 0 (no patch removed): the official loss divides by mask.sum() == 0. Here the loss is then
-the mean over all patches (the plain autoencoder's reconstruction loss); ``mask`` is all zeros.
-
-Video: ``num_frames=T, t_patch_size=u`` (and ``tube_masking``) as in ``mae_fast.reference``: clips
-[N, C, T, H, W], space-time tubelet tokens; the same path with the tubelet-aware ops (gather_patches and
-norm_pix_loss take ``t_patch_size``) and, with tube masking, the masking engine's ``frames=T/u``.
+``forward`` returns (loss, pred, mask) with pred for every patch, as the official model; ``forward_train``
+returns the loss only and runs decoder_norm/decoder_pred on the removed tokens only (the same loss). At
+mask ratio 0 the loss is the mean over all patches (the official one divides by zero). Video
+(``num_frames=T, t_patch_size=u``, ``tube_masking``): clips [N, C, T, H, W], space-time tubelet tokens.
 """
 from __future__ import annotations
 
@@ -30,12 +24,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import ops, reference
-from ..ops._common import check_indices_enabled
+from .. import ops
 from ..nn import Block, PatchEmbed
+from ..nn.pos_embed import sincos_pos_embed
+from ..ops._checks import check_indices_enabled
 
 
-class FastMAEMethods(reference.PatchLayoutMethods):
+class FastMAEMethods:
     """The fast forward of an MAE with the official attribute names and method signatures.
 
     Shared by :class:`MaskedAutoencoderViT` and by models patched in place (``mae_fast.patch_model``),
@@ -43,6 +38,45 @@ class FastMAEMethods(reference.PatchLayoutMethods):
     cls_token, pos_embed, blocks, norm, decoder_embed, mask_token, decoder_pos_embed,
     decoder_blocks, decoder_norm, decoder_pred, norm_pix_loss.
     """
+
+    # -- the patch layout (from patch_embed)
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.in_chans
+
+    @property
+    def t_patch_size(self) -> int:
+        return getattr(self.patch_embed, "t_patch_size", 1)
+
+    @property
+    def mask_frames(self) -> int:
+        """The ``frames`` of the masking: T/u slots with tube masking, else 1."""
+        return self.patch_embed.t_grid_size if getattr(self, "tube_masking", False) else 1
+
+    def _grid(self) -> tuple:
+        """(T', h, w): tubelet slots and the patch grid (T' = 1 for an image)."""
+        pe = self.patch_embed
+        return (pe.t_grid_size if getattr(pe, "video", False) else 1, *pe.grid_size)
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [N, C, (T,) H, W] -> [N, L, (u*)p*p*C], vector order ((frame,) p-row, p-col, channel)."""
+        p, u = self.patch_size, self.t_patch_size
+        t, h, w = self._grid()
+        v = imgs if imgs.dim() == 5 else imgs.unsqueeze(2)  # [N, C, T, H, W]
+        x = v.reshape(v.shape[0], v.shape[1], t, u, h, p, w, p).permute(0, 2, 4, 6, 3, 5, 7, 1)  # [N, t, h, w, u, p, p, C]
+        return x.reshape(v.shape[0], t * h * w, u * p * p * v.shape[1])
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, (u*)p*p*C] -> imgs [N, C, (T,) H, W], the inverse of :meth:`patchify`."""
+        p, u, c = self.patch_size, self.t_patch_size, self.in_chans
+        t, h, w = self._grid()
+        v = x.reshape(x.shape[0], t, h, w, u, p, p, c).permute(0, 7, 1, 4, 2, 5, 3, 6)  # [N, C, t, u, h, p, w, p]
+        v = v.reshape(x.shape[0], c, t * u, h * p, w * p)
+        return v if getattr(self.patch_embed, "video", False) else v[:, :, 0]
 
     # -- the pieces
     def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
@@ -159,7 +193,31 @@ class MaskedAutoencoderViT(FastMAEMethods, nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, t_patch_size * patch_size**2 * in_chans, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
-        reference.init_mae_weights(self)
+        init_weights(self)
+
+
+def init_weights(model: nn.Module) -> None:
+    """The official initialisation: fixed sin-cos position tables, the patch embedding weight
+    xavier-uniform on its (out, -1) view, cls and mask tokens normal(std=0.02), every Linear xavier-uniform
+    with zero bias, LayerNorm weight 1 and bias 0 (in the official order, so a seed gives the same weights)."""
+    grid = model._grid() if model.patch_embed.video else model.patch_embed.grid_size
+    for table in (model.pos_embed, model.decoder_pos_embed):
+        table.data.copy_(sincos_pos_embed(table.shape[-1], grid).unsqueeze(0))  # [1, 1+L, D]
+    w = model.patch_embed.proj.weight.data
+    torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    torch.nn.init.normal_(model.cls_token, std=0.02)
+    torch.nn.init.normal_(model.mask_token, std=0.02)
+
+    def init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    model.apply(init)
 
 
 def load_pretrained_encoder(model: MaskedAutoencoderViT, state_dict: dict) -> list:

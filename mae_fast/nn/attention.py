@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..testing import rel_err
 
 BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "xformers")
 _SDPA = {
@@ -204,6 +203,13 @@ def _wall_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (NaN when a is not finite)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den else 1.0)
+
+
 def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, grad: bool, tol: float,
                  warmup: int, reps: int):
     """(milliseconds, None) for a backend that runs correctly, else (None, why it was not chosen)."""
@@ -211,10 +217,10 @@ def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, g
     try:
         xs = [t[:b].clone().requires_grad_(grad) for t in full]
         out = _run(name, *xs, 0.0, scale)
-        errs = [rel_err(out, ref_out)]
+        errs = [_rel_err(out, ref_out)]
         if grad:
             grads = torch.autograd.grad(out, xs, g_out[:b], allow_unused=True)
-            errs += [rel_err(torch.zeros_like(x) if a is None else a, r) for a, x, r in zip(grads, xs, ref_grads)]
+            errs += [_rel_err(torch.zeros_like(x) if a is None else a, r) for a, x, r in zip(grads, xs, ref_grads)]
     except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape is simply not chosen
         return None, _why(e)
     worst = next((e for e in errs if not e <= tol), None)  # a NaN error (non-finite output) fails too

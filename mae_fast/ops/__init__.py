@@ -1,8 +1,21 @@
 """The public ops of mae_fast: validated, autograd-aware, torch.compile-visible.
 
-Each op has a fast path (Triton kernels / the CUDA extension) and a plain torch path beside
-it, used on CPU and as the test oracle. See ``_common`` for the dispatch rule.
+One module per op (``mae_fast/ops/<op>.py``, kernels in ``kernels/<op>.py``), each with a plain torch
+implementation beside its fast path (the CPU path and the test oracle). ``path`` / ``set_path`` choose
+the path of the Triton-backed ops ("auto", "torch" or "triton"). docs/OPS.md: the contracts and the design.
 """
-from .tokens import gather_patches, gather_tokens, unshuffle_tokens  # noqa: F401
-from .masking import Masking, random_masking  # noqa: F401
-from .loss import norm_pix_loss  # noqa: F401
+import sys as _sys
+
+from . import norm_pix_loss as _norm_pix_loss_module
+from ._registry import PATHS, get_path, path, set_path
+from .gather_patches import gather_patches
+from .gather_tokens import gather_tokens
+from .norm_pix_loss import norm_pix_loss
+from .random_masking import Masking, random_masking
+from .unshuffle_tokens import unshuffle_tokens
+
+# the module's former name, still imported by code written against mae_fast 0.1
+_sys.modules[__name__ + ".loss"] = _norm_pix_loss_module
+
+__all__ = ["Masking", "PATHS", "gather_patches", "gather_tokens", "get_path", "norm_pix_loss", "path",
+           "random_masking", "set_path", "unshuffle_tokens"]

@@ -80,7 +80,7 @@ def _validate(args) -> None:
 
 
 def run_theory(args: argparse.Namespace) -> int:
-    from ..benchutil import format_table, provenance, write_json
+    from ..tools.report import format_table, provenance, write_json
     from .closed_form import DEFAULT_RIDGE
     from .images import images_second_moment
     from .scan import scan

@@ -1,0 +1,115 @@
+"""The per-op pattern, written once: which path an op takes, how its kernels are registered, and how
+autograd calls them. docs/OPS.md says why.
+
+- :func:`kernel` registers a forward or backward entry point as ``torch.ops.mae_fast.<name>``
+  (a ``torch.library.triton_op``, so torch.compile sees the Triton kernels inside). Its body picks the
+  Triton kernels or the plain torch implementation with :func:`use_triton`.
+- Each public op is a ``torch.autograd.Function`` whose forward and backward call such entry points.
+  Eagerly they are called directly, skipping the dispatcher; while torch.compile traces, or while any
+  TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, a tracer), through the registered op, so
+  the tracer sees one op.
+- :func:`path` / :func:`set_path` choose the path for every op: ``"auto"`` (CUDA tensors run Triton, CPU
+  tensors the torch path, or Triton's interpreter under ``TRITON_INTERPRET=1``), ``"torch"`` (the plain
+  torch path everywhere, e.g. to compare on a GPU) or ``"triton"`` (Triton or an error, never the torch
+  path).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+PATHS = ("auto", "torch", "triton")
+_path = "auto"
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def set_path(name: str) -> None:
+    """Choose the path of every Triton-backed op: "auto" (default), "torch" or "triton"."""
+    global _path
+    if name not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {name!r}")
+    _path = name
+
+
+def get_path() -> str:
+    return _path
+
+
+@contextlib.contextmanager
+def path(name: str) -> Iterator[None]:
+    """Context manager: run the ops inside on path ``name`` (see :func:`set_path`)."""
+    old = get_path()
+    set_path(name)
+    try:
+        yield
+    finally:
+        set_path(old)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` runs its Triton kernels (see the module docstring)."""
+    runnable = t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret())
+    if _path == "torch":
+        return False
+    if _path == "triton" and not runnable and t.device.type != "meta":
+        raise RuntimeError(f"mae_fast.ops path 'triton' needs CUDA tensors or TRITON_INTERPRET=1 on the CPU, "
+                           f"got a tensor on {t.device}")
+    return runnable
+
+
+def dispatching() -> bool:
+    """True when an op must go through the dispatcher: torch.compile traces, or a TorchDispatchMode is on."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+class Kernel:
+    """A registered entry point: ``torch.ops.mae_fast.<name>``, called directly when nothing traces."""
+
+    def __init__(self, fn: Callable, name: str, mutates_args: Sequence[str]):
+        self.fn = fn
+        self.name = name
+        self.op = torch.library.triton_op(f"mae_fast::{name}", fn, mutates_args=tuple(mutates_args))
+
+    def __call__(self, *args):
+        return self.op(*args) if dispatching() else self.fn(*args)
+
+
+def kernel(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], Kernel]:
+    """Decorator: register ``fn`` (type-annotated, its schema is inferred) as ``mae_fast::<name>``."""
+    return lambda fn: Kernel(fn, name, mutates_args)
+
+
+def launch(fn):
+    """A Triton kernel ready for ``[grid](...)``: traceable inside a registered op, a plain launch otherwise."""
+    return torch.library.wrap_triton(fn)
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:
+    """What a backward kernel returns for a gradient nobody needs: a fresh empty fp32 tensor (registered
+    ops return tensors, and outputs never alias)."""
+    return torch.empty((0,), dtype=torch.float32, device=like.device)
+
+
+def unused_pointer(like: torch.Tensor) -> torch.Tensor:
+    """A 1-element stand-in for a pointer argument a kernel variant never touches."""
+    return torch.empty((1,), dtype=like.dtype, device=like.device)
+
+
+def inverse_map(ids: torch.Tensor, L: int) -> torch.Tensor:
+    """ids [N, K] (distinct entries per row) -> inv [N, L] int32: inv[n, ids[n, k]] = k, -1 elsewhere."""
+    N, K = ids.shape
+    inv = torch.full((N, L), -1, dtype=torch.int32, device=ids.device)  # [N, L]
+    src = torch.arange(K, dtype=torch.int32, device=ids.device).expand(N, K)  # [N, K]
+    return inv.scatter_(1, ids.long(), src)

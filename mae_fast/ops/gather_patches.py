@@ -1,0 +1,122 @@
+"""gather_patches: the raw pixels of the visible patches (tubelets), for a patch embedding of those only.
+
+imgs [N, C, H, W] -> [N, K, C*p*p], or a video [N, C, T, H, W] -> [N, K, C*u*p*p] (tubelets of
+u = t_patch_size frames), in the (C, (u,) p, p) order of ``proj.weight.flatten(1)`` of a Conv2d (or Conv3d):
+``F.linear(gather_patches(imgs, ids, p), proj.weight.flatten(1), proj.bias)`` embeds the kept patches.
+Kernels: ``kernels/gather_patches.py``; plain torch path: :func:`gather_patches_torch`.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mae_fast.kernels import _launch
+from mae_fast.kernels import gather_patches as _k
+
+from ._checks import INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
+from ._registry import cdiv, inverse_map, kernel, launch, use_triton
+
+__all__ = ["gather_patches", "gather_patches_torch", "gather_patches_backward_torch"]
+
+
+def gather_patches_torch(imgs: Tensor, ids_keep: Tensor, patch_size: int, t_patch_size: int = 1) -> Tensor:
+    """Plain torch forward (the CPU path and the oracle)."""
+    v = imgs.unsqueeze(2) if imgs.dim() == 4 else imgs  # [N, C, T, H, W], T = 1 for an image
+    N, C, T, H, W = v.shape
+    p, u = patch_size, t_patch_size
+    h, w = H // p, W // p
+    E = C * u * p * p
+    x = v.reshape(N, C, T // u, u, h, p, w, p).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [N, T', h, w, C, u, p, p]
+    x = x.reshape(N, (T // u) * h * w, E)  # [N, L, C*u*p*p]
+    return torch.gather(x, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, E))  # [N, K, C*u*p*p]
+
+
+def gather_patches_backward_torch(grad: Tensor, ids_keep: Tensor, C: int, T: int, H: int, W: int, patch_size: int,
+                                  t_patch_size: int) -> Tensor:
+    """-> grad_imgs [N, C, T, H, W] (T = 1 for an image), contiguous."""
+    N, K, E = grad.shape
+    p, u = patch_size, t_patch_size
+    h, w = H // p, W // p
+    gx = torch.zeros(N, (T // u) * h * w, E, dtype=grad.dtype, device=grad.device)
+    gx.scatter_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, E), grad)  # [N, L, C*u*p*p]
+    gx = gx.reshape(N, T // u, h, w, C, u, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)  # [N, C, T', u, h, p, w, p]
+    return gx.reshape(N, C, T, H, W).contiguous()
+
+
+@kernel("gather_patches")
+def _forward(imgs: Tensor, ids_keep: Tensor, patch_size: int, t_patch_size: int) -> Tensor:
+    if not use_triton(imgs):
+        return gather_patches_torch(imgs, ids_keep, patch_size, t_patch_size)
+    N, C, H, W = imgs.shape[0], imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
+    sit = imgs.stride(2) if imgs.dim() == 5 else 0  # an image is one frame: its time stride is never used
+    p, u = patch_size, t_patch_size
+    K, E = ids_keep.shape[1], C * u * p * p
+    out = torch.empty((N, K, E), dtype=imgs.dtype, device=imgs.device)  # [N, K, C*u*p*p]
+    if out.numel() == 0:
+        return out
+    cfg = _launch.row_copy(E)
+    launch(_k.gather_patches_fwd_kernel)[(cdiv(N * K, cfg.block_rows), cdiv(E, cfg.block_cols))](
+        imgs, ids_keep, out,
+        N * K, K, E, W // p, (H // p) * (W // p),
+        imgs.stride(0), imgs.stride(1), sit, imgs.stride(-2), imgs.stride(-1),
+        ids_keep.stride(0), ids_keep.stride(1),
+        PATCH=p, TUBE=u, BLOCK_R=cfg.block_rows, BLOCK_E=cfg.block_cols, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+@kernel("gather_patches_backward")
+def _backward(grad: Tensor, ids_keep: Tensor, C: int, T: int, H: int, W: int, patch_size: int,
+              t_patch_size: int) -> Tensor:
+    if not use_triton(grad):
+        return gather_patches_backward_torch(grad, ids_keep, C, T, H, W, patch_size, t_patch_size)
+    N, K, E = grad.shape
+    p, u = patch_size, t_patch_size
+    L = (T // u) * (H // p) * (W // p)
+    gi = torch.empty((N, C, T, H, W), dtype=grad.dtype, device=grad.device)  # [N, C, T, H, W]
+    if gi.numel() == 0:
+        return gi
+    cfg = _launch.row_copy(E)
+    launch(_k.gather_patches_bwd_kernel)[(cdiv(N * L, cfg.block_rows), cdiv(E, cfg.block_cols))](
+        grad, inverse_map(ids_keep, L), gi,
+        N * L, L, E, W // p, (H // p) * (W // p), T, H, W,
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        PATCH=p, TUBE=u, BLOCK_R=cfg.block_rows, BLOCK_E=cfg.block_cols, num_warps=cfg.num_warps,
+    )
+    return gi
+
+
+class _GatherPatches(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, imgs, ids_keep, patch_size, t_patch_size):
+        ctx.save_for_backward(ids_keep)
+        ctx.shape, ctx.dtype, ctx.sizes = tuple(imgs.shape), imgs.dtype, (patch_size, t_patch_size)
+        return _forward(imgs, ids_keep, patch_size, t_patch_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (ids_keep,) = ctx.saved_tensors
+        C, H, W = ctx.shape[1], ctx.shape[-2], ctx.shape[-1]
+        T = ctx.shape[2] if len(ctx.shape) == 5 else 1
+        gi = _backward(grad, ids_keep, C, T, H, W, *ctx.sizes)
+        return gi.reshape(ctx.shape).to(ctx.dtype), None, None, None  # [N, C, (T,) H, W]
+
+
+def gather_patches(imgs: Tensor, ids_keep: Tensor, patch_size: int, *, t_patch_size: int = 1,
+                   check_indices: Optional[bool] = None) -> Tensor:
+    """Raw pixels of the visible patches (tubelets): imgs [N, C, H, W] or [N, C, T, H, W], ids_keep [N, K]
+    -> [N, K, C*u*p*p] (u = t_patch_size, 1 for 4-D imgs); autograd to imgs.
+
+    Token l is (s, r, c) = (l // (h*w), (l % (h*w)) // w, l % w) with h = H/p, w = W/p (s = 0 for an image);
+    the vector is in (C, u, p, p) order (the conv weight's), not the order of ``reference.patchify``.
+    """
+    N, _, _, _, _, L = check_clip_grid(imgs, patch_size, t_patch_size)
+    check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, device=imgs.device)
+    check_shape("ids_keep", ids_keep, (N, None))
+    if ids_keep.shape[1] > L:
+        raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} patches but imgs has only L={L}")
+    if check_indices_enabled(check_indices):
+        check_distinct_rows("ids_keep", ids_keep, L)
+    return _GatherPatches.apply(imgs, ids_keep, patch_size, t_patch_size)

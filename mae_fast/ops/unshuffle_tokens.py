@@ -1,0 +1,155 @@
+"""unshuffle_tokens: the decoder input in one pass: kept tokens back in place, mask tokens elsewhere, positions.
+
+x [N, P+K, D] (P prefix rows first), ids_restore [N, L] -> [N, P+L, D]: row P+l is x[n, P+ids_restore[n, l]]
+where that is < K, else mask_token; pos_embed [1, P+L, D] is added to every row. Kernels:
+``kernels/unshuffle_tokens.py``; plain torch path: :func:`unshuffle_tokens_torch`.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mae_fast.kernels import _launch
+from mae_fast.kernels import unshuffle_tokens as _k
+
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indices_enabled, check_permutation_rows, check_shape, check_tensor
+from ._registry import cdiv, kernel, launch, no_grad_placeholder, unused_pointer, use_triton
+
+__all__ = ["unshuffle_tokens", "unshuffle_tokens_torch", "unshuffle_tokens_backward_torch"]
+
+
+def unshuffle_tokens_torch(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Optional[Tensor],
+                           num_prefix: int) -> Tensor:
+    """Plain torch forward (the CPU path and the oracle); with positions, fp32 math and one rounding."""
+    N, T, D = x.shape
+    P, L = num_prefix, ids_restore.shape[1]
+    K = T - P
+    xw = x if pos_embed is None else x.float()
+    xs = torch.cat([xw[:, P:], mask_token.to(xw.dtype).expand(N, L - K, D)], dim=1)  # [N, L, D]
+    xs = torch.gather(xs, 1, ids_restore.long().unsqueeze(-1).expand(-1, -1, D))  # [N, L, D]
+    out = torch.cat([xw[:, :P], xs], dim=1)  # [N, P+L, D]
+    if pos_embed is not None:
+        out = out + pos_embed.float()
+    return out.to(x.dtype).contiguous()
+
+
+def unshuffle_tokens_backward_torch(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, need_pos: bool,
+                                    need_mask: bool):
+    """(grad_x [N, P+K, D], grad_pos [1, P+L, D] fp32, grad_mask [1, 1, D] fp32); unneeded ones empty."""
+    N, _, D = grad.shape
+    idx = ids_restore.long()  # [N, L]
+    gpos = grad.float().sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)  # [1, P+L, D]
+    gt = grad[:, P:]  # [N, L, D]
+    removed = (idx >= K).unsqueeze(-1)  # [N, L, 1]
+    gmask = (gt.float() * removed).sum((0, 1)).reshape(1, 1, D) if need_mask else no_grad_placeholder(grad)
+    if not need_x:
+        return grad.new_empty((0,)), gpos, gmask
+    gx = torch.zeros(N, P + K, D, dtype=grad.dtype, device=grad.device)
+    gx[:, :P] = grad[:, :P]
+    ids_keep = torch.argsort(idx, dim=1)[:, :K]  # [N, K]: where kept token k sits
+    gx[:, P:] = torch.gather(gt, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    return gx, gpos, gmask
+
+
+@kernel("unshuffle_tokens")
+def _forward(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Optional[Tensor],
+             num_prefix: int) -> Tensor:
+    if not use_triton(x):
+        return unshuffle_tokens_torch(x, ids_restore, mask_token, pos_embed, num_prefix)
+    N, T_in, D = x.shape
+    P, L = num_prefix, ids_restore.shape[1]
+    T = P + L
+    out = torch.empty((N, T, D), dtype=x.dtype, device=x.device)  # [N, P+L, D]
+    if out.numel() == 0:
+        return out
+    cfg = _launch.row_copy(D)
+    pos = pos_embed if pos_embed is not None else x
+    launch(_k.unshuffle_fwd_kernel)[(cdiv(N * T, cfg.block_rows), cdiv(D, cfg.block_cols))](
+        x, ids_restore, mask_token, pos, out,
+        N * T, T, P, T_in - P, D,
+        x.stride(0), x.stride(1), x.stride(2),
+        ids_restore.stride(0), ids_restore.stride(1),
+        mask_token.stride(2),
+        pos.stride(1), pos.stride(2),
+        HAS_POS=pos_embed is not None, BLOCK_R=cfg.block_rows, BLOCK_D=cfg.block_cols, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+@kernel("unshuffle_tokens_backward")
+def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, need_pos: bool,
+              need_mask: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if not use_triton(grad):
+        return unshuffle_tokens_backward_torch(grad, ids_restore, K, P, need_x, need_pos, need_mask)
+    N, T, D = grad.shape
+    L = T - P
+    gx = torch.empty((N, P + K, D) if need_x else (0,), dtype=grad.dtype, device=grad.device)
+    if N == 0 or D == 0:
+        gpos = torch.zeros((1, T, D), dtype=torch.float32, device=grad.device) if need_pos else no_grad_placeholder(grad)
+        gmask = torch.zeros((1, 1, D), dtype=torch.float32, device=grad.device) if need_mask else no_grad_placeholder(grad)
+        return gx.zero_(), gpos, gmask
+    cfg = _launch.column_split(N, T, D)
+    ppos = torch.empty((cfg.splits, T, D) if need_pos else (1,), dtype=torch.float32, device=grad.device)
+    pmask = torch.empty((cfg.splits, L, D) if need_mask else (1,), dtype=torch.float32, device=grad.device)
+    launch(_k.unshuffle_bwd_kernel)[(T, cdiv(D, cfg.block_d), cfg.splits)](
+        grad, ids_restore, gx if need_x else unused_pointer(grad), ppos, pmask,
+        N, L, P, K, D, cfg.chunk_n,
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        ids_restore.stride(0), ids_restore.stride(1),
+        NEED_X=need_x, NEED_POS=need_pos, NEED_MASK=need_mask,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+    )
+    gpos = ppos.sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)  # [1, P+L, D]
+    gmask = pmask.sum((0, 1)).reshape(1, 1, D) if need_mask else no_grad_placeholder(grad)  # [1, 1, D]
+    return gx, gpos, gmask
+
+
+class _UnshuffleTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids_restore, mask_token, pos_embed, num_prefix):
+        ctx.save_for_backward(ids_restore)
+        ctx.P, ctx.K = num_prefix, x.shape[1] - num_prefix
+        ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
+        ctx.mask_shape = tuple(mask_token.shape)
+        return _forward(x, ids_restore, mask_token.reshape(1, 1, -1), pos_embed, num_prefix)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, mask_dtype, pos_dtype = ctx.dtypes
+        need_x, _, need_mask, need_pos, _ = ctx.needs_input_grad
+        need_pos = need_pos and pos_dtype is not None
+        gx, gpos, gmask = _backward(grad, ids_restore, ctx.K, ctx.P, need_x, need_pos, need_mask)
+        return (gx.to(x_dtype) if need_x else None, None,
+                gmask.to(mask_dtype).reshape(ctx.mask_shape) if need_mask else None,
+                gpos.to(pos_dtype) if need_pos else None, None)
+
+
+def unshuffle_tokens(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Optional[Tensor] = None,
+                     num_prefix: int = 1, *, check_indices: Optional[bool] = None) -> Tensor:
+    """Decoder input: x [N, P+K, D] (prefix rows first), ids_restore [N, L] (permutations of [0, L)),
+    mask_token [1, 1, D] (or [D]), pos_embed [1, P+L, D] -> [N, P+L, D] in x's dtype; autograd to x,
+    mask_token and pos_embed. The mask-token and position adds are done in fp32 and rounded once.
+    """
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    N, T_in, D = x.shape
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= T_in:
+        raise ValueError(f"num_prefix must be an int in [0, {T_in}] (x has {T_in} rows), got {num_prefix!r}")
+    P = num_prefix
+    K = T_in - P
+    check_tensor("ids_restore", ids_restore, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
+    check_shape("ids_restore", ids_restore, (N, None))
+    L = ids_restore.shape[1]
+    if K > L:
+        raise ValueError(f"x has K={K} kept tokens (after {P} prefix rows) but ids_restore has only L={L}")
+    check_tensor("mask_token", mask_token, dtypes=FLOAT_DTYPES, device=x.device)
+    if mask_token.numel() != D or mask_token.shape[-1] != D:
+        raise ValueError(f"mask_token must have shape [1, 1, {D}] (width D={D} of x), got {list(mask_token.shape)}")
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
+        check_shape("pos_embed", pos_embed, (1, P + L, D))
+    if check_indices_enabled(check_indices):
+        check_permutation_rows("ids_restore", ids_restore)
+    return _UnshuffleTokens.apply(x, ids_restore, mask_token, pos_embed, P)

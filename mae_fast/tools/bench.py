@@ -1,0 +1,578 @@
+"""Training-step throughput: forward, backward and an AdamW step, side by side and interleaved.
+
+Used by `mae-fast bench` and `mae-fast sweep`. Variants (``VARIANTS``, name -> builder(cfg, device)):
+
+  reference           mae_fast.reference, eager
+  reference+compile   torch.compile(reference model), default mode (the model only, not the optimizer)
+  mae_fast            mae_fast.models.create_model (the fast model), eager, trained through its
+                      ``forward_train`` (loss only, its own fast path) when it has one
+  mae_fast+compile    torch.compile of the same, default mode
+
+How it measures: every variant is built and warmed up first (compilation happens there), then the
+timed steps run in rounds, one step of each variant per round, so slow drifts of the machine (clocks,
+temperature, other load) hit every variant alike. One shared pool of random images (three batches,
+rotated; never zeros). CUDA events bracket each step on a GPU, perf_counter on a CPU; median with
+p20/p80 over the timed steps. bf16 autocast on a GPU, fp32 on a CPU unless ``dtype`` says otherwise.
+
+Peak memory (CUDA) is each variant's own: the allocator's peak during its steps minus what the other
+variants keep resident (their weights and optimizer state), i.e. what the step would need with this
+variant alone in the process (the image pool included).
+
+Mask ratio 0 (no masking): the official loss averages over removed patches and divides by zero there.
+Here the loss at ratio 0 is defined as the mean over all patches (reconstruction of every, visible,
+patch); the reference variants switch to it (``AllPatchLoss``) so the unmasked baseline of a sweep is a
+real training step. The fast model must do the same (or fail loudly; its result is then an error).
+
+Under ``torchrun --nproc_per_node=N`` every process runs the same variants under
+DistributedDataParallel (nccl on CUDA, gloo on CPU), batch = per-device batch; the results hold
+per-device and total images/s.
+
+Video (``num_frames`` T > 1, ``t_patch_size`` u, ``tube_masking``): every variant is built with these
+factory arguments, the inputs are random clips [N, C, T, H, W], and one sample is a clip: ``images_per_s``
+and ``flops_per_image`` are then clips/s and FLOPs per clip (the JSON keys stay, the table says clips).
+Without ``batch_size`` the default batch is the image default divided by T/u (the same tokens per batch).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import reference
+from . import flops, report, timing
+
+CPU_DEFAULT = dict(model="mae_vit_tiny_patch8", batch_size=32, steps=20, warmup=3)
+GPU_DEFAULT = dict(model="mae_vit_base_patch16", batch_size=256, steps=30, warmup=5)
+ALL_VARIANTS = ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
+
+
+class VariantUnavailable(RuntimeError):
+    """A variant was asked for that cannot be built here (e.g. mae_fast.models does not import)."""
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    batch_size: int
+    steps: int
+    warmup: int
+    mask_ratio: float = 0.75
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    norm_pix_loss: bool = True
+    seed: int = 0
+    # None: the default set (reference, mae_fast when it imports; +compile ones when ``compile``)
+    variants: Optional[List[str]] = None
+    compile: Optional[bool] = None  # None: on a GPU yes, on a CPU no (compiling on a CPU is slow)
+    peak_tflops: Optional[float] = None  # None: measured in the run (timing.matmul_peak)
+    # video: clips of num_frames frames, tubelets of t_patch_size frames (1, 1: the image model)
+    num_frames: int = 1
+    t_patch_size: int = 1
+    tube_masking: bool = False  # one spatial mask per clip, repeated over the T/u slots
+
+    def video_kwargs(self) -> dict:
+        """The factory arguments of the video model ({} for an image model)."""
+        return flops.video_kwargs(self.num_frames, self.t_patch_size, self.tube_masking)
+
+    def dims(self) -> flops.MAEDims:
+        """The model's sizes (from the reference config; ValueError for a bad combination)."""
+        return flops.dims_of_config(self.model, self.img_size, self.patch_size, **self.video_kwargs())
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            dev = torch.device(self.device)
+        if dev.type == "cuda" and dev.index is None and _world_size() > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return dev
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if self.resolved_device().type == "cuda" else "fp32"
+
+    def resolved_compile(self) -> bool:
+        return self.resolved_device().type == "cuda" if self.compile is None else bool(self.compile)
+
+
+def check_video(num_frames: int, t_patch_size: int, tube_masking: bool) -> None:
+    """ValueError naming the flag when the video settings do not make a model."""
+    for flag, v in (("--num-frames", num_frames), ("--t-patch-size", t_patch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {v!r}")
+    if num_frames % t_patch_size:
+        raise ValueError(f"--num-frames {num_frames} is not a multiple of --t-patch-size {t_patch_size}")
+    if tube_masking and num_frames == 1:
+        raise ValueError("--tube (tube masking) needs a video model: give --num-frames > 1")
+
+
+def video_batch(default_batch: int, num_frames: Optional[int], t_patch_size: Optional[int]) -> int:
+    """The default batch of a video run: the image default divided by T/u slots (the same tokens per batch)."""
+    slots = max(1, int(num_frames or 1) // max(1, int(t_patch_size or 1)))
+    return max(1, default_batch // slots)
+
+
+def default_config(device: Optional[str] = None, **overrides) -> BenchConfig:
+    """The embedded default: ViT-B/16 at batch 256 on a GPU, a tiny model on a CPU (for video, the batch
+    divided by T/u unless given)."""
+    dev = device or "auto"
+    is_cuda = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else torch.device(dev)).type == "cuda"
+    base = dict(GPU_DEFAULT if is_cuda else CPU_DEFAULT)
+    extra = {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        (base if k in base else extra)[k] = v
+    if overrides.get("batch_size") is None:
+        base["batch_size"] = video_batch(base["batch_size"], extra.get("num_frames"), extra.get("t_patch_size"))
+    return BenchConfig(device=dev, **base, **extra)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+# --------------------------------------------------------------------------- variants
+class AllPatchLoss(nn.Module):
+    """The reference with the ratio-0 loss defined: at mask_ratio 0 the loss is the mean over all patches.
+
+    For mask_ratio > 0 it is the reference's forward, unchanged.
+    """
+
+    def __init__(self, model: reference.MaskedAutoencoderViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
+        m = self.model
+        if mask_ratio > 0:
+            return m(imgs, mask_ratio, noise)
+        latent, mask, ids_restore = m.forward_encoder(imgs, 0.0, noise)  # [N, 1+L, D], mask all 0
+        pred = m.forward_decoder(latent, ids_restore)  # [N, L, (u*)p*p*C]
+        loss = m.forward_loss(imgs, pred, torch.ones_like(mask))  # every patch counts
+        return loss, pred, mask
+
+
+def _model_kwargs(cfg: BenchConfig) -> dict:
+    kwargs = {"norm_pix_loss": cfg.norm_pix_loss, **cfg.video_kwargs()}
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = cfg.patch_size
+    return kwargs
+
+
+def _create(factory, cfg: BenchConfig, device: torch.device) -> nn.Module:
+    """factory(name, **kwargs) on ``device``: built there directly on a GPU (initialising ViT-L on the host
+    takes seconds, and a sweep builds dozens of models), on the host otherwise."""
+    ctx = torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        model = factory(cfg.model, **_model_kwargs(cfg))
+    return model.to(device)
+
+
+def build_reference(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    model = _create(reference.create_model, cfg, device)
+    return AllPatchLoss(model) if cfg.mask_ratio == 0 else model
+
+
+def build_reference_compiled(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    return torch.compile(build_reference(cfg, device))
+
+
+def fast_models_module():
+    """mae_fast.models, or VariantUnavailable saying why it cannot be used."""
+    try:
+        mod = importlib.import_module("mae_fast.models")
+    except ImportError as e:
+        raise VariantUnavailable(
+            f"the mae_fast variants need mae_fast.models (create_model), which does not import here: {e}"
+        ) from e
+    if not hasattr(mod, "create_model"):
+        raise VariantUnavailable("the mae_fast variants need mae_fast.models.create_model, which is missing")
+    return mod
+
+
+def fast_available() -> bool:
+    try:
+        fast_models_module()
+        return True
+    except VariantUnavailable:
+        return False
+
+
+class TrainLoss(nn.Module):
+    """The fast model's training path: ``forward_train`` (the loss only; the model chooses its fast path,
+    e.g. the decoder head on removed tokens only) when it has one, else its ``forward``. A module, so that
+    torch.compile and DDP see that path through ``forward``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.uses_forward_train = callable(getattr(model, "forward_train", None))
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
+        if self.uses_forward_train:
+            return self.model.forward_train(imgs, mask_ratio)
+        return self.model(imgs, mask_ratio)[0]
+
+
+def build_mae_fast(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    return TrainLoss(_create(fast_models_module().create_model, cfg, device))
+
+
+def build_mae_fast_compiled(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    return torch.compile(build_mae_fast(cfg, device))
+
+
+VARIANTS: Dict[str, Callable[[BenchConfig, torch.device], nn.Module]] = {
+    "reference": build_reference,
+    "reference+compile": build_reference_compiled,
+    "mae_fast": build_mae_fast,
+    "mae_fast+compile": build_mae_fast_compiled,
+}
+
+
+def resolve_variants(cfg: BenchConfig) -> tuple:
+    """(variants to run, {skipped variant: why}). Explicitly asked-for variants are never skipped."""
+    if cfg.variants:
+        unknown = [v for v in cfg.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; available: {sorted(VARIANTS)}")
+        if any(v.startswith("mae_fast") for v in cfg.variants) and VARIANTS["mae_fast"] is build_mae_fast:
+            fast_models_module()  # asked for: a clear VariantUnavailable now, before any timing
+        return list(dict.fromkeys(cfg.variants)), {}
+    names = ["reference", "mae_fast"]
+    if cfg.resolved_compile():
+        names = ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
+    skipped = {}
+    try:
+        fast_models_module()
+    except VariantUnavailable as e:
+        why = str(e)
+        for v in [n for n in names if n.startswith("mae_fast")]:
+            skipped[v] = why
+        names = [n for n in names if not n.startswith("mae_fast")]
+    return names, skipped
+
+
+def flops_options(name: str, model: nn.Module) -> dict:
+    """How to count a variant's FLOPs: the reference embeds all patches and predicts all rows; the fast
+    model may say what it does through attributes of the same names; by default: visible-only embedding
+    (ARCHITECTURE.md) and a head on removed tokens only when it trains through ``forward_train``."""
+    if name.startswith("reference"):
+        return {"embed_visible_only": False, "pred_masked_only": False}
+    wrapper = getattr(model, "_orig_mod", model)
+    inner = getattr(wrapper, "model", wrapper)
+    head_default = bool(getattr(wrapper, "uses_forward_train", False))  # forward_train: head on removed tokens
+    return {
+        "embed_visible_only": bool(getattr(inner, "embed_visible_only", True)),
+        "pred_masked_only": bool(getattr(inner, "pred_masked_only", head_default)),
+    }
+
+
+# --------------------------------------------------------------------------- distributed
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _dist_setup(device: torch.device) -> bool:
+    """Start the process group under torchrun; True when running distributed."""
+    if _world_size() <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def finish_distributed() -> None:
+    """End the process group :func:`run` started: all ranks wait for each other (rank 0 writes the
+    files first), then tear down together. A rank that leaves early can hang the others in gloo's
+    teardown (seen with two CPU processes)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    compiled = hasattr(model, "_orig_mod")
+    inner = model._orig_mod if compiled else model
+    ddp = DDP(inner, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(ddp) if compiled else ddp
+
+
+# --------------------------------------------------------------------------- one variant's step
+class _Runner:
+    """A built variant: model, optimizer, one training step, its timings."""
+
+    def __init__(self, name: str, cfg: BenchConfig, device: torch.device, imgs_pool, distributed: bool):
+        self.name = name
+        self.cfg = cfg
+        self.device = device
+        torch.manual_seed(cfg.seed)  # same initial weights for every variant (and every rank)
+        model = VARIANTS[name](cfg, device)
+        model.train()
+        self.dims = flops.dims_of(model)
+        self.flops_opts = flops_options(name, model)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        self.model = _wrap_ddp(model, device) if distributed else model
+        self.imgs_pool = imgs_pool
+        self.dtype = cfg.resolved_dtype()
+        self.i = 0
+        self.times: List[float] = []
+        self.events: list = []
+        self.peak_bytes = 0
+        self.resident_bytes = 0
+        self.last_loss: Optional[torch.Tensor] = None
+
+    def step(self) -> torch.Tensor:
+        imgs = self.imgs_pool[self.i % len(self.imgs_pool)]
+        self.i += 1
+        with _autocast(self.device, self.dtype):
+            out = self.model(imgs, mask_ratio=self.cfg.mask_ratio)
+        loss = out[0] if isinstance(out, (tuple, list)) else out  # reference: (loss, pred, mask); fast: loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def timed_step(self) -> None:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.last_loss = self.step()
+            end.record()
+            self.events.append((start, end))
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        else:
+            t0 = time.perf_counter()
+            self.last_loss = self.step()
+            self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def collect(self) -> None:
+        if self.events:
+            torch.cuda.synchronize(self.device)
+            self.times.extend(s.elapsed_time(e) for s, e in self.events)
+            self.events = []
+
+
+def _stderr_progress(label: str, i: int, n: int) -> None:
+    width = 24
+    done = int(width * i / n)
+    sys.stderr.write(f"\r  {label:<26} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
+    if i == n:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _images(cfg: BenchConfig, dims: flops.MAEDims, device: torch.device, rank: int) -> List[torch.Tensor]:
+    """Three random batches: images [N, C, H, W], or clips [N, C, T, H, W] for a video model."""
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + 17 + rank)
+    # a few distinct random batches, rotated (never zeros; no single buffer that stays in cache)
+    return [torch.randn(*dims.input_shape(cfg.batch_size), generator=g).to(device) for _ in range(3)]
+
+
+def measure_peak(cfg: BenchConfig, device: torch.device) -> tuple:
+    """(peak FLOP/s, how it was obtained): ``cfg.peak_tflops`` if given, else a GEMM measured now."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12, "given (--peak-tflops)"
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.resolved_dtype()]
+    if device.type == "cpu":
+        dt = torch.float32 if dt == torch.float16 else dt
+    n = 8192 if device.type == "cuda" else 1024
+    return timing.matmul_peak(device, dt, n=n), f"measured: {n}x{n} {str(dt).replace('torch.', '')} matmul (p20)"
+
+
+# --------------------------------------------------------------------------- the run
+def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = True,
+        peak: Optional[tuple] = None) -> dict:
+    """Run the variants of ``cfg`` interleaved and return the results document (provenance + results).
+
+    ``peak``: (FLOP/s, source) to reuse instead of measuring (the sweep measures once).
+    """
+    check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
+    names, skipped = resolve_variants(cfg)
+    device = cfg.resolved_device()
+    distributed = _dist_setup(device)
+    rank = _rank()
+    world = _world_size() if distributed else 1
+    show = progress and sys.stderr.isatty() and rank == 0  # a bar on a terminal, nothing in logs
+    bar = _stderr_progress if show else None
+    cuda = device.type == "cuda"
+
+    if any(n.endswith("+compile") for n in names):
+        # fresh compile caches: new model instances would otherwise count as recompiles of the same code,
+        # and past dynamo's recompile limit a "+compile" variant would quietly run eager
+        torch._dynamo.reset()
+    dims = cfg.dims()
+    imgs_pool = _images(cfg, dims, device, rank)
+    runners: List[_Runner] = []
+    for name in names:
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        r = _Runner(name, cfg, device, imgs_pool, distributed)
+        for i in range(cfg.warmup):
+            r.step()
+            if bar:
+                bar(f"{name} warm-up", i + 1, cfg.warmup)
+        if cuda:
+            torch.cuda.synchronize(device)
+            r.resident_bytes = torch.cuda.memory_allocated(device) - before
+        runners.append(r)
+    if peak is None:
+        peak = measure_peak(cfg, device)
+    peak_flops, peak_source = peak
+
+    for i in range(cfg.steps):  # interleaved rounds: one step of each variant
+        for r in runners:
+            r.timed_step()
+        if cuda and (i + 1) % 8 == 0:
+            for r in runners:
+                r.collect()
+        if bar:
+            bar("timed steps (interleaved)", i + 1, cfg.steps)
+    for r in runners:
+        r.collect()
+
+    results = []
+    for r in runners:
+        q = timing.quantiles(r.times)
+        loss_value = float(r.last_loss.detach().float().item())
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise RuntimeError(f"{r.name}: the loss is not finite ({loss_value}); the benchmark is meaningless")
+        ips = cfg.batch_size / (q["median_ms"] * 1e-3)  # this device
+        others = sum(o.resident_bytes for o in runners if o is not r)
+        fpi = flops.train_flops(r.dims, cfg.mask_ratio, **r.flops_opts)
+        results.append({
+            "variant": r.name,
+            "images_per_s": ips,
+            "step_ms_median": q["median_ms"],
+            "step_ms_p20": q["p20_ms"],
+            "step_ms_p80": q["p80_ms"],
+            "peak_mem_bytes": (r.peak_bytes - others) if cuda else None,
+            "flops_per_image": fpi,
+            "tflops_per_s": fpi * ips / 1e12,
+            "mfu": fpi * ips / peak_flops,
+            "final_loss": loss_value,
+            "steps": len(r.times),
+            "flops_counting": r.flops_opts,
+        })
+    if distributed:
+        import torch.distributed as dist
+
+        per_rank: List[Optional[list]] = [None] * world
+        dist.all_gather_object(per_rank, [x["images_per_s"] for x in results])
+        for j, x in enumerate(results):
+            x["images_per_s_per_device"] = [rr[j] for rr in per_rank]
+            x["images_per_s"] = sum(x["images_per_s_per_device"])  # total over devices
+            x["mfu"] = x["flops_per_image"] * x["images_per_s"] / world / peak_flops
+            x["tflops_per_s"] = x["flops_per_image"] * x["images_per_s"] / world / 1e12  # per device
+    ref = next((x for x in results if x["variant"] == "reference"), None)
+    for x in results:
+        x["speedup_vs_reference"] = (x["images_per_s"] / ref["images_per_s"]) if ref else None
+
+    doc = report.provenance(argv, device)
+    doc["config"] = dict(asdict(cfg), device=str(device), dtype=cfg.resolved_dtype(), variants=names,
+                         compile=cfg.resolved_compile(), world_size=world,
+                         img_size=cfg.img_size or dims.img_h, patch_size=cfg.patch_size or dims.patch_size,
+                         video=dims.video, input_shape=list(dims.input_shape(cfg.batch_size)),
+                         num_patches=dims.num_patches)
+    doc["peak_flops_per_s"] = peak_flops
+    doc["peak_source"] = peak_source
+    doc["notes"] = {
+        "timing": "steps of all variants interleaved round by round after per-variant warm-up; median, p20, p80",
+        "flops": "analytic matmul FLOPs per image (mae_fast.tools.flops), training = 3x forward",
+        "mfu": "flops_per_image * images_per_s (per device) / peak_flops_per_s",
+        "peak_mem": "CUDA only (null on CPU): per variant, the allocator peak during its steps minus the other variants' resident memory",
+        "compile": "torch.compile(model) in the default mode; the optimizer step is not compiled",
+        "mask_ratio_0": "loss over all patches (the reference's masked mean is 0/0 there)",
+        "images_per_s": "total over all devices under DDP (per-device values in images_per_s_per_device)",
+    }
+    if dims.video:
+        doc["notes"]["video"] = ("one sample is a clip (config.input_shape is the batch [N, C, T, H, W]): "
+                                 "images_per_s and flops_per_image are per clip")
+    if skipped:
+        doc["skipped_variants"] = skipped
+    doc["results"] = results
+    return doc
+
+
+def _rate(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.1f} GFLOP/s"
+
+
+TABLE_COLUMNS = ["variant", "images_per_s", "step_ms_median", "step_ms_p20", "step_ms_p80", "peak_mem_MiB",
+                 "GFLOP_per_img", "TFLOP_per_s", "mfu", "speedup"]
+VIDEO_COLUMNS = [{"images_per_s": "clips_per_s", "GFLOP_per_img": "GFLOP_per_clip"}.get(c, c) for c in TABLE_COLUMNS]
+
+
+def is_video(config: dict) -> bool:
+    """Whether a results document's config is a video run (older documents: image)."""
+    return int(config.get("num_frames") or 1) > 1 or int(config.get("t_patch_size") or 1) > 1
+
+
+def describe_input(config: dict) -> str:
+    """'64px/p8' for images; '4 frames x 64px, tubelet 2x8x8, tube masking' for video."""
+    p = config["patch_size"]
+    if not is_video(config):
+        return f"{config['img_size']}px/p{p}"
+    return (f"{config['num_frames']} frames x {config['img_size']}px, tubelet {config['t_patch_size']}x{p}x{p}"
+            + (", tube masking" if config.get("tube_masking") else ""))
+
+
+def batch_words(config: dict) -> str:
+    return f"batch {config['batch_size']}" + (" clips" if is_video(config) else "")
+
+
+def format_results(doc: dict) -> str:
+    rows = []
+    c = doc["config"]
+    video = is_video(c)
+    for r in doc["results"]:
+        rows.append(dict(
+            r,
+            peak_mem_MiB="-" if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20,
+            GFLOP_per_img=r["flops_per_image"] / 1e9,
+            GFLOP_per_clip=r["flops_per_image"] / 1e9,
+            clips_per_s=r["images_per_s"],
+            TFLOP_per_s=r["tflops_per_s"],
+            speedup="-" if r["speedup_vs_reference"] is None else r["speedup_vs_reference"],
+        ))
+    head = (f"{c['model']}  {describe_input(c)}  {batch_words(c)}  mask ratio "
+            f"{c['mask_ratio']}  {c['dtype']}  on {doc['device']}"
+            + (f" x{c['world_size']} (DDP; {'clips' if video else 'images'}/s is the total)"
+               if c.get("world_size", 1) > 1 else "")
+            + f"  ({c['steps']} timed steps each, interleaved, after {c['warmup']} warm-up)")
+    lines = [head, report.format_table(rows, VIDEO_COLUMNS if video else TABLE_COLUMNS),
+             f"mfu against {_rate(doc['peak_flops_per_s'])} ({doc['peak_source']})"]
+    for v, why in doc.get("skipped_variants", {}).items():
+        lines.append(f"skipped {v}: {why}")
+    return "\n".join(lines)

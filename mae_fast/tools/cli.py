@@ -1,0 +1,380 @@
+"""The `mae-fast` command (also `python -m mae_fast`).
+
+Subcommands:
+  bench    training-step throughput (forward, backward, AdamW step): reference and mae_fast, eager and
+           torch.compile, side by side; images/s, memory, FLOPs, MFU, speedup
+  sweep    the same over mask ratios x patch sizes; JSON and a PNG plot
+  profile  one step of each under torch.profiler: where the time goes, top ops, Chrome traces
+  theory   the linear-MAE theory (spatial scale per mask ratio and patch size), when installed
+
+bench, sweep and profile take video models too: --num-frames T (clips [N, C, T, H, W]), --t-patch-size u
+(tubelet frames; default 2 for video) and --tube (tube masking).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _ratio(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mask-ratio must be a number, got {s!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"--mask-ratio must be in [0, 1), got {v}")
+    return v
+
+
+def _ratio_list(s: str) -> List[float]:
+    out = []
+    for part in s.split(","):
+        if not part.strip():
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--mask-ratios must be comma-separated numbers, got {part!r}") from None
+        if not 0.0 <= v < 1.0:
+            raise argparse.ArgumentTypeError(f"--mask-ratios: every ratio must be in [0, 1), got {v}")
+        out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError("--mask-ratios: give at least one ratio")
+    return out
+
+
+def _int_list(name: str):
+    def parse(s: str) -> List[int]:
+        out = []
+        for part in s.split(","):
+            if not part.strip():
+                continue
+            try:
+                v = int(part)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {part!r}") from None
+            if v < 1:
+                raise argparse.ArgumentTypeError(f"{name}: every value must be >= 1, got {v}")
+            out.append(v)
+        if not out:
+            raise argparse.ArgumentTypeError(f"{name}: give at least one value")
+        return out
+
+    return parse
+
+
+def _variant_list(s: str) -> List[str]:
+    from .bench import ALL_VARIANTS
+
+    out = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in out if v not in ALL_VARIANTS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"--variants: unknown variant(s) {bad}; choose from {','.join(ALL_VARIANTS)}")
+    return out
+
+
+def _positive_float(name: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        return v
+
+    return parse
+
+
+def _common_args(p: argparse.ArgumentParser, ratio: bool = True, patch: bool = True) -> None:
+    p.add_argument("--model", help="factory name from mae_fast.reference (e.g. mae_vit_base_patch16)")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), help="per device")
+    p.add_argument("--warmup", type=_positive_int("--warmup"), help="untimed warm-up steps")
+    if ratio:
+        p.add_argument("--mask-ratio", type=_ratio, default=0.75)
+    p.add_argument("--img-size", type=_positive_int("--img-size"))
+    if patch:
+        p.add_argument("--patch-size", type=_positive_int("--patch-size"))
+    p.add_argument("--num-frames", type=_positive_int("--num-frames"), metavar="T",
+                   help="video: clips of T frames [N, C, T, H, W] (default: the image model); the default batch "
+                   "is then the image default divided by T/U (same tokens per batch)")
+    p.add_argument("--t-patch-size", type=_positive_int("--t-patch-size"), metavar="U",
+                   help="video: frames per tubelet, dividing --num-frames (default 2 with --num-frames > 1, else 1)")
+    p.add_argument("--tube", action="store_true",
+                   help="video: tube masking (one spatial mask per clip, repeated over the T/U tubelet slots)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", metavar="PATH", help="write the results document (JSON) here")
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="training-step throughput of the MAE (forward, backward, AdamW step)",
+        description="Time training steps of the reference and mae_fast, eager and torch.compile (default mode), "
+        "interleaved in one process, and print images/s, step time (median, p20, p80), peak memory, FLOPs per "
+        "image, MFU and speedup over the reference. Defaults: mae_vit_base_patch16, batch 256, bf16 autocast, "
+        "all four variants on a GPU; mae_vit_tiny_patch8 (64x64 images), batch 32, fp32, eager only on a CPU. "
+        "Under torchrun --nproc_per_node=N it runs DDP and reports per-device and total images/s.",
+    )
+    _common_args(p)
+    p.add_argument("--steps", type=_positive_int("--steps"), help="timed steps per variant")
+    p.add_argument("--variants", type=_variant_list,
+                   help="comma-separated subset of reference,reference+compile,mae_fast,mae_fast+compile")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="include the +compile variants (default on a GPU)")
+    g.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
+    p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
+                   help="peak TFLOP/s for MFU (default: a large matmul measured in the same run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_bench)
+
+
+def add_sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="throughput over mask ratios x patch sizes, with a plot",
+        description="Training-step throughput at every (mask ratio, patch size), image size fixed: images/s, "
+        "speedup over the unmasked reference step (ratio 0; the loss there is the mean over all patches, "
+        "since the official masked mean divides by zero) and over the reference at the same point, peak "
+        "memory. Defaults on a GPU: mae_vit_base_patch16 at 224px, batch 64, patch sizes 8,14,16,32; on a "
+        "CPU: mae_vit_tiny_patch8 at 64px, batch 8, patch sizes 8,16,32.",
+    )
+    _common_args(p, ratio=False, patch=False)
+    p.add_argument("--steps", type=_positive_int("--steps"), help="timed steps per point and variant")
+    p.add_argument("--mask-ratios", type=_ratio_list, help="comma-separated (default 0,0.5,0.6,0.75,0.85,0.9,0.95)")
+    p.add_argument("--patch-sizes", type=_int_list("--patch-sizes"), help="comma-separated, dividing the image size")
+    p.add_argument("--variants", type=_variant_list, help="default: reference,mae_fast (eager)")
+    p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"))
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: speedup against mask ratio per patch size")
+    p.add_argument("--theory", metavar="DIR",
+                   help="put the linear-MAE predicted spatial scale beside each point, from the images in DIR "
+                   "('sample': the bundled photographs)")
+    p.add_argument("--theory-size", type=_positive_int("--theory-size"), default=32,
+                   help="image side the linear theory runs on (same patch grid; default 32)")
+    p.add_argument("--theory-rank", type=_positive_int("--theory-rank"), default=32,
+                   help="number of features of the linear MAE (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_sweep)
+
+
+def add_profile_parser(sub) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="one training step under torch.profiler: where the time goes",
+        description="Profile one training step (after warm-up) of mae_fast and of the reference: time per "
+        "category (masking, gather, patch embedding, attention, other GEMMs, norms, unshuffle, loss, optimizer, "
+        "other), top ops, and a Chrome trace per variant.",
+    )
+    _common_args(p)
+    p.add_argument("--variants", type=_variant_list, help="default: reference,mae_fast (eager)")
+    p.add_argument("--trace", metavar="DIR", help="write Chrome traces (trace_<variant>.json.gz, gzipped JSON: chrome://tracing and "
+                   "ui.perfetto.dev open it) into DIR")
+    p.add_argument("--top", type=_positive_int("--top"), default=15, help="top ops listed per variant")
+    p.set_defaults(func=run_profile)
+
+
+def _fail(cmd: str, msg: str):
+    raise SystemExit(f"mae-fast {cmd}: {msg}")
+
+
+def _check_common(cmd: str, args: argparse.Namespace) -> None:
+    import torch
+
+    from .. import reference
+
+    if args.model is not None and args.model not in reference.MODELS:
+        _fail(cmd, f"--model {args.model!r} is unknown; choose one of {sorted(reference.MODELS)}")
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            _fail(cmd, f"--device {args.device!r} is not a device")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            _fail(cmd, "--device cuda asked for, but CUDA is not available")
+        if dev.type not in ("cuda", "cpu"):
+            _fail(cmd, f"--device {args.device!r}: only cpu and cuda are supported")
+    is_cpu = (args.device == "auto" and not torch.cuda.is_available()) or args.device.startswith("cpu")
+    if is_cpu and args.dtype == "fp16":
+        _fail(cmd, "--dtype fp16 is for CUDA; use fp32 or bf16 on a CPU")
+
+
+def _video(cmd: str, args: argparse.Namespace) -> dict:
+    """num_frames, t_patch_size, tube_masking from the flags (defaults applied), or a clear error."""
+    from .bench import check_video
+
+    T, u, tube = args.num_frames, args.t_patch_size, bool(args.tube)
+    if T is None:
+        if u is not None and u != 1:
+            _fail(cmd, f"--t-patch-size {u} needs a video model: give --num-frames (a multiple of {u})")
+        if tube:
+            _fail(cmd, "--tube (tube masking) needs a video model: give --num-frames > 1")
+        return {"num_frames": 1, "t_patch_size": 1, "tube_masking": False}
+    default_u = u is None
+    if default_u:
+        u = 2 if T > 1 else 1
+    try:
+        check_video(T, u, tube)
+    except ValueError as e:
+        _fail(cmd, str(e) + (" (the default for video; give --t-patch-size)" if default_u and T % u else ""))
+    return {"num_frames": T, "t_patch_size": u, "tube_masking": tube}
+
+
+def _check_sizes(cmd: str, model: str, img_size, patch_size, **video) -> None:
+    from . import flops
+
+    try:
+        dims = flops.dims_of_config(model, img_size, patch_size, **video)
+    except ValueError as e:
+        _fail(cmd, f"--img-size/--patch-size: {e}")
+    del dims
+
+
+def _bench_config(args: argparse.Namespace, video: dict):
+    from . import bench
+
+    cfg = bench.default_config(args.device, model=args.model, batch_size=args.batch_size,
+                                   steps=getattr(args, "steps", None), warmup=args.warmup, **video)
+    cfg.mask_ratio = args.mask_ratio
+    cfg.img_size = args.img_size
+    cfg.patch_size = args.patch_size
+    cfg.dtype = args.dtype
+    cfg.variants = getattr(args, "variants", None)
+    cfg.compile = getattr(args, "compile", None)
+    cfg.peak_tflops = getattr(args, "peak_tflops", None)
+    return cfg
+
+
+def _emit(doc: dict, text: str, args: argparse.Namespace, rank0: bool = True) -> None:
+    from . import report
+
+    if not rank0:
+        return
+    if args.json:
+        report.write_json(args.json, doc)
+    print(text)
+    if args.json:
+        print(f"results written to {args.json}")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    _check_common("bench", args)
+    video = _video("bench", args)
+    cfg = _bench_config(args, video)
+    _check_sizes("bench", cfg.model, cfg.img_size, cfg.patch_size, **video)
+    if cfg.variants and cfg.compile is not None:
+        _fail("bench", "give either --variants or --compile/--no-compile, not both")
+    try:
+        doc = bench.run(cfg, argv=getattr(args, "argv", None), progress=not args.no_progress)
+    except bench.VariantUnavailable as e:
+        _fail("bench", str(e))
+    _emit(doc, bench.format_results(doc), args, bench._rank() == 0)
+    bench.finish_distributed()  # under torchrun: wait for rank 0's files, then tear down together
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from . import bench, sweep
+
+    _check_common("sweep", args)
+    video = _video("sweep", args)
+    cfg = sweep.default_config(args.device, model=args.model, batch_size=args.batch_size, steps=args.steps,
+                               warmup=args.warmup, patch_sizes=args.patch_sizes, **video)
+    cfg.img_size = args.img_size
+    cfg.dtype = args.dtype
+    cfg.variants = args.variants
+    cfg.peak_tflops = args.peak_tflops
+    cfg.theory = args.theory
+    cfg.theory_size = args.theory_size
+    cfg.theory_rank = args.theory_rank
+    if args.mask_ratios is not None:
+        cfg.mask_ratios = args.mask_ratios
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail("sweep", "--plot needs matplotlib (pip install matplotlib)")
+    if args.theory and args.theory != "sample":
+        import os
+
+        if not os.path.isdir(args.theory):
+            _fail("sweep", f"--theory {args.theory!r} is not a folder (give a folder of images, or 'sample')")
+    try:
+        sweep.check_config(cfg)
+        doc = sweep.run(cfg, argv=getattr(args, "argv", None), progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError, bench.VariantUnavailable) as e:
+        _fail("sweep", str(e))
+    _emit(doc, sweep.format_results(doc), args)
+    if args.plot:
+        sweep.plot(doc, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from . import bench, profile
+
+    _check_common("profile", args)
+    video = _video("profile", args)
+    cfg = _bench_config(args, video)
+    cfg.steps = 1
+    if cfg.warmup is None:
+        cfg.warmup = 3
+    if not cfg.variants:
+        cfg.compile = False
+    _check_sizes("profile", cfg.model, cfg.img_size, cfg.patch_size, **video)
+    try:
+        doc = profile.run(cfg, trace_dir=args.trace, argv=getattr(args, "argv", None), top=args.top)
+    except bench.VariantUnavailable as e:
+        _fail("profile", str(e))
+    _emit(doc, profile.format_results(doc), args)
+    return 0
+
+
+def _add_theory(sub) -> None:
+    try:
+        from ..theory.cli import add_theory_parser
+    except ImportError:  # the theory needs numpy/scipy/Pillow; without them `theory` is just absent
+        return
+    add_theory_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-fast", description="mae_fast: fast Masked Autoencoder pretraining")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_bench_parser(sub)
+    add_sweep_parser(sub)
+    add_profile_parser(sub)
+    _add_theory(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = ["mae-fast", *argv]  # recorded in result files as the command
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
