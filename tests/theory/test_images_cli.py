@@ -163,3 +163,22 @@ def test_predicted_scales_for_the_sweep(image_dir):
         predicted_scales([(0.5, 15)], images=image_dir, image_size=224)
     same = predicted_scales([(0.5, 2)], images=image_dir, size=8, rank=4, n_samples=300)
     assert same[0]["theory_size"] == 8 and same[0]["theory_patch_size"] == 2 and same[0]["flag"] is None
+
+
+def test_cli_findings_table_json_and_plot(image_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "findings.json", tmp_path / "findings.png"
+    assert _run(["--images", str(image_dir), "--findings", "--size", "8", "--rank", "4", "--patch-sizes", "2,4",
+                 "--mask-ratios", "0.5", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "Theorem 1" in text and "Ising" in text and "1/f^2" in text and "dae_lt_mae" in text
+    doc = json.loads(out_json.read_text())
+    assert [r["mask_ratio"] for r in doc["optimum"]] == [0.25, 0.75]
+    assert all(r["rel_gap"] <= 1e-9 and r["max_angle"] < 1e-3 for r in doc["optimum"])
+    assert {r["coupling"] for r in doc["ising"]} == {0.3, 0.6}
+    for rows in doc["jacobian"].values():
+        assert [(r["model"], r["patch_size"]) for r in rows] == [("AE", None), ("DAE", None), ("MAE", 2), ("MAE", 4)]
+    assert doc["config"]["dae_noise"] == 0.5
+    with Image.open(out_png) as im:
+        assert im.width > 600 and im.height > 200
+    with pytest.raises(SystemExit, match="grayscale"):
+        _run(["--images", str(image_dir), "--findings", "--color"])
