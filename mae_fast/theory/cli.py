@@ -12,7 +12,8 @@ DEFAULT_RATIOS = "0,0.25,0.5,0.75,0.9"
 DEFAULT_PATCHES = "2,4,8"
 DEFAULT_DAE_NOISE = 0.5
 MODEL_NOTE = ("model: linear, each patch dropped independently with probability m (Bernoulli), loss on every "
-              "pixel; the real MAE drops a fixed int(L m) patches and scores only the masked ones (docs/THEORY.md)")
+              "pixel; the real MAE keeps exactly int(L (1 - m)) of L patches and scores only the masked ones "
+              "(docs/THEORY.md)")
 
 
 def _float_list(s: str) -> list[float]:

@@ -94,8 +94,9 @@ def predicted_scales(points, images=None, image_size: int | None = None, size: i
         if kept == 0:
             row["flag"] = f"the MAE keeps no patch: int({g * g} x (1 - {m:g})) = 0"
         elif side > MAX_SIDE:
+            smallest = -(-(image_size or size) // (MAX_SIDE // MIN_THEORY_PATCH))  # the finest grid that fits
             row["flag"] = (f"{g} x {g} patches of >= {MIN_THEORY_PATCH} px need a {side} px theory image "
-                           f"(at most {MAX_SIDE}); use patches of at least {-(-(image_size or size) // (MAX_SIDE // 2))} px")
+                           f"(at most {MAX_SIDE}); use patches of at least {smallest} px")
         if row["flag"]:
             for k in ("mean_distance_frac", "mean_distance_px", "data_mean_distance_frac", "data_mean_distance_px",
                       *MEASURES, *("data_" + k for k in MEASURES)):
