@@ -12,13 +12,14 @@ All arithmetic is float64 numpy/scipy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-from .spatial import SpatialScale, as_pair, spatial_scale
+from .spatial import DEFAULT_POWER, SpatialScale, as_pair, data_basis, off_data_fraction, on_data, spatial_scale
 
 DEFAULT_RIDGE = 1e-9
 
@@ -103,8 +104,13 @@ class LinearMAE:
     image_size: tuple[int, int]
     patch_size: int
     mask_ratio: float
-    scale: SpatialScale  # spatial scale of the learned map A B
+    scale: SpatialScale  # spatial scale of the learned map A B (all weights)
     baseline: SpatialScale  # the same for the plain autoencoder (m = 0: PCA, same rank)
+    data_scale: SpatialScale  # spatial scale of A B on the inputs the data carries (spatial.on_data)
+    data_baseline: SpatialScale  # the same for PCA
+    off_data_fraction: float  # share of ||A B||^2 on input directions outside that data subspace
+    eigengap: float  # (lambda_k - lambda_k+1) / lambda_1; ~0: the rank-k optimum is not unique (nan at k = d)
+    data_basis: np.ndarray  # [d, q] the input directions of the data_* measures (spatial.data_basis)
     ridge: float = 0.0
 
     @property
@@ -158,13 +164,15 @@ def pca(S, rank: int) -> np.ndarray:
 
 
 def linear_mae(S, image_size, patch_size: int, mask_ratio: float, rank: int | None = None,
-               ridge: float = DEFAULT_RIDGE, pca_features: np.ndarray | None = None) -> LinearMAE:
+               ridge: float = DEFAULT_RIDGE, pca_features: np.ndarray | None = None,
+               power: float = DEFAULT_POWER, basis: np.ndarray | None = None) -> LinearMAE:
     """Closed-form linear MAE for second moment S ([d, d]); ``rank=None`` means full rank (k = d).
 
     V is regularised as V + ridge * mean(diag V) * I before it is inverted, so a singular S (fewer
     images than pixels, constant pixels) still has a well-defined answer; the loss is always
     evaluated with the unregularised S. With ridge > 0, m = 0 still gives exactly the PCA subspace.
     ``pca_features`` ([d, k], optional): pca(S, k) if already computed (for the baseline measures).
+    ``basis`` ([d, q], optional): data_basis(S, power) if already computed (for the data-weighted measures).
     The eigenproblem is solved in whitened form: V = C C^T (Cholesky), M = C^-1 S, and U_k are the
     top eigenvectors of the symmetric M^T M = S V^-1 S.
     """
@@ -190,24 +198,62 @@ def linear_mae(S, image_size, patch_size: int, mask_ratio: float, rank: int | No
     M = linalg.solve_triangular(C, S, lower=True)  # [d, d] C^-1 S
     G = M.T @ M  # [d, d] S V^-1 S
     G = (G + G.T) / 2
-    evals, U = _top_eigh(G, k)  # [k], [d, k] largest first
+    evals, U = _top_eigh(G, min(k + 1, d))  # [k+1], [d, k+1] largest first (one more, for the gap)
+    gap = float((evals[k - 1] - evals[k]) / evals[0]) if k < d and evals[0] > 0 else math.nan
+    evals, U = evals[:k], U[:, :k]
     full_map = linalg.cho_solve((C, True), S)  # [d, d] V^-1 S
     encoder = full_map @ U  # [d, k]
     decoder = U.T  # [k, d]
     loss = expected_loss(S, encoder, decoder, (h, w), patch_size, m)
-    scale = spatial_scale(encoder @ decoder, (h, w), patch_size)
+    Q = data_basis(S, power) if basis is None else np.asarray(basis, dtype=np.float64)  # [d, q]
+    if Q.ndim != 2 or Q.shape[0] != d:
+        raise ValueError(f"basis: expected shape (d={d}, q), got {Q.shape}")
+    W = encoder @ decoder  # [d, d]
+    scale, data_scale = spatial_scale(W, (h, w), patch_size), spatial_scale(on_data(W, Q), (h, w), patch_size)
     if m == 0.0:
-        base = scale
+        base, data_base = scale, data_scale
     else:
         Up = pca(S, k) if pca_features is None else np.asarray(pca_features, dtype=np.float64)  # [d, k]
         if Up.shape != (d, k):
             raise ValueError(f"pca_features: expected shape {(d, k)}, got {Up.shape}")
-        base = spatial_scale(Up @ Up.T, (h, w), patch_size)
+        Wp = Up @ Up.T  # [d, d]
+        base, data_base = spatial_scale(Wp, (h, w), patch_size), spatial_scale(on_data(Wp, Q), (h, w), patch_size)
     return LinearMAE(features=U, eigenvalues=evals, encoder=encoder, decoder=decoder, full_map=full_map,
                      expected_loss=loss, trace=float(np.trace(S)), image_size=(h, w), patch_size=int(patch_size),
-                     mask_ratio=m, scale=scale, baseline=base, ridge=float(ridge))
+                     mask_ratio=m, scale=scale, baseline=base, data_scale=data_scale, data_baseline=data_base,
+                     off_data_fraction=off_data_fraction(W, Q), eigengap=gap, data_basis=Q, ridge=float(ridge))
 
 
 def principal_angles(U1, U2) -> np.ndarray:
     """Principal angles (radians, ascending) between the column spans of U1 and U2."""
     return linalg.subspace_angles(np.asarray(U1, dtype=np.float64), np.asarray(U2, dtype=np.float64))[::-1]
+
+
+def _noise_variance(S: np.ndarray, noise: float) -> float:
+    if not (noise >= 0 and np.isfinite(noise)):
+        raise ValueError(f"noise: expected a finite value >= 0, got {noise!r}")
+    return float(noise) * float(np.mean(np.diag(S)))
+
+
+def denoising_loss(S, A, B, noise: float) -> float:
+    """E ||x - (x + e) A B||^2 with e ~ N(0, s^2 I), s^2 = noise * mean(diag S): the linear DAE objective."""
+    S = _check_S(S)
+    W = np.asarray(A, dtype=np.float64) @ np.asarray(B, dtype=np.float64)  # [d, d]
+    s2 = _noise_variance(S, noise)
+    return float(np.trace(S) - 2 * np.sum(S * W.T) + np.sum(W * (S @ W)) + s2 * np.sum(W * W))
+
+
+def linear_dae(S, noise: float, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-k optimum of ``denoising_loss``: (encoder A [d, k], decoder B [k, d]).
+
+    The objective has the MAE's form with V = S + s^2 I, so A = V^-1 S U_k and B = U_k^T where U_k are the
+    top eigenvectors of S V^-1 S, a monotone function of S: U_k is PCA and A = U_k diag(l / (l + s^2)).
+    """
+    S = _check_S(S)
+    d = S.shape[0]
+    k = d if rank is None else rank
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not (1 <= k <= d):
+        raise ValueError(f"rank: expected an int in [1, d={d}] or None, got {rank!r}")
+    s2 = _noise_variance(S, noise)
+    evals, U = _top_eigh(S, k)  # [k], [d, k]
+    return U * (evals / (evals + s2)) if s2 > 0 else U.copy(), U.T.copy()

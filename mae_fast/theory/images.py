@@ -117,7 +117,11 @@ def second_moment(X, center: bool = False) -> np.ndarray:
 
 
 def images_second_moment(images=None, size: int = 32, n_samples: int | None = None, color: bool = False,
-                         seed: int = 0, center: bool = False) -> np.ndarray:
-    """S from a folder of images (``images``: path) or, with ``images=None``, the sample photographs."""
+                         seed: int = 0, center: bool = True) -> np.ndarray:
+    """S from a folder of images (``images``: path) or, with ``images=None``, the sample photographs.
+
+    ``center`` (default) subtracts the mean crop: S is the pixel covariance. Without it the mean crop
+    (nearly flat) is the top principal component and holds most of tr S (89 % on the sample photographs).
+    """
     paths = sample_paths() if images is None else folder_paths(os.fspath(images))
     return second_moment(image_matrix(paths, size, n_samples, color, seed), center=center)

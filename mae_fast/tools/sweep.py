@@ -182,6 +182,9 @@ def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = Tru
                 x["predicted_mean_distance_px"] = t["mean_distance_px"]
                 x["predicted_mean_distance_frac"] = t["mean_distance_frac"]
                 x["predicted_outside_patch_fraction"] = t["outside_patch_fraction"]
+                x["predicted_data_mean_distance_px"] = t["data_mean_distance_px"]
+                if t["flag"]:  # the theory does not apply here (e.g. the MAE keeps no patch): no prediction
+                    x["predicted_flag"] = t["flag"]
     doc = report.provenance(argv, device)
     doc["config"] = dict(asdict(cfg), img_size=img, mask_ratios=ratios, patch_sizes=patches, variants=variants,
                          device=str(device), video=_video(cfg),
@@ -230,6 +233,8 @@ def format_results(doc: dict) -> str:
         rows.append(dict(x, clips_per_s=x["images_per_s"],
                          peak_mem_MiB="-" if x.get("peak_mem_bytes") is None else x["peak_mem_bytes"] / 2**20,
                          speedup_vs_ratio0="-" if x["speedup_vs_ratio0"] is None else x["speedup_vs_ratio0"],
+                         predicted_mean_distance_px=("-" if x.get("predicted_mean_distance_px") is None
+                                                     else x["predicted_mean_distance_px"]),
                          speedup_vs_reference="-" if x["speedup_vs_reference"] is None else x["speedup_vs_reference"]))
     c = doc["config"]
     head = (f"sweep: {c['model']}  {_describe(c)}  {bench.batch_words(c)}  {c['dtype']}  on {doc['device']}  "
@@ -237,6 +242,9 @@ def format_results(doc: dict) -> str:
     lines = [head, report.format_table(rows, cols)]
     for v, why in doc.get("skipped_variants", {}).items():
         lines.append(f"skipped {v}: {why}")
+    for t in doc.get("theory", {}).get("rows", []):
+        if t.get("flag"):
+            lines.append(f"theory at p={t['patch_size']} ratio={t['mask_ratio']:g}: no prediction, {t['flag']}")
     return "\n".join(lines)
 
 

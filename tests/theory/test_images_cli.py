@@ -86,19 +86,21 @@ def test_cli_table_json_and_plot(image_dir, tmp_path, capsys):
                "--mask-ratios", "0.5,0.75", "--samples", "400", "--json", str(out_json), "--plot", str(out_png)])
     assert rc == 0
     table = capsys.readouterr().out
-    assert "mean_distance" in table and "outside_patch_fraction" in table
+    assert "data_mean_distance" in table and "data_outside_patch_fraction" in table and "Bernoulli" in table
     doc = json.loads(out_json.read_text())
     rows = doc["results"]
     assert {(r["mask_ratio"], r["patch_size"]) for r in rows} == {(m, p) for m in (0.0, 0.5, 0.75) for p in (2, 4)}
     for r in rows:
         assert RESULT_KEYS <= set(r)
-        assert 0.0 <= r["mean_distance"] <= 8 * 2 ** 0.5
-        assert 0.0 <= r["outside_patch_fraction"] <= 1.0
-        assert r["decay_length"] is None or r["decay_length"] > 0
+        for prefix in ("", "data_"):
+            assert 0.0 <= r[prefix + "mean_distance"] <= 8 * 2 ** 0.5
+            assert 0.0 <= r[prefix + "outside_patch_fraction"] <= 1.0
+            assert r[prefix + "decay_length"] is None or 0 < r[prefix + "decay_length"] <= 8
+        assert 0.0 <= r["off_data_fraction"] < 1.0
     by = {(r["mask_ratio"], r["patch_size"]): r for r in rows}
     assert by[(0.0, 2)]["mean_distance"] == pytest.approx(by[(0.0, 2)]["baseline_mean_distance"])
     assert by[(0.75, 4)]["mean_distance"] > by[(0.0, 4)]["mean_distance"]
-    assert doc["provenance"]["command"]
+    assert doc["provenance"]["command"] and doc["config"]["center"] is True
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out_png) as im:
         im.verify()
@@ -143,15 +145,40 @@ def test_cli_needs_a_source_and_dispatches_to_run_theory():
 
 
 def test_predicted_scales_for_the_sweep(image_dir):
-    pts = [(0.0, 16), (0.75, 16), (0.75, 32)]
+    pts = [(0.0, 16), (0.75, 16), (0.75, 32), (0.75, 112), (0.9, 112), (0.5, 4)]
     rows = predicted_scales(pts, images=image_dir, image_size=224, size=14, rank=4, n_samples=400)
     assert [(r["mask_ratio"], r["patch_size"]) for r in rows] == pts
-    assert [(r["theory_size"], r["theory_patch_size"]) for r in rows] == [(14, 1), (14, 1), (14, 2)]
-    assert rows[1]["mean_distance_frac"] > rows[0]["mean_distance_frac"]
+    # 14 x 14 patches at 224 px: round(14 / 14) = 1 px would be pixel-wise masking, so the theory patch is 2 px
+    assert [(r["theory_size"], r["theory_patch_size"]) for r in rows[:4]] == [(28, 2), (28, 2), (14, 2), (14, 7)]
+    assert [r["kept_patches"] for r in rows] == [196, 49, 12, 1, 0, 1568]
+    for r in rows[:4]:
+        assert r["flag"] is None and r["mean_distance_px"] > 0 and r["data_mean_distance_px"] > 0
+    assert rows[1]["data_mean_distance_frac"] > rows[0]["data_mean_distance_frac"]
     assert rows[2]["mean_distance_px"] == pytest.approx(rows[2]["mean_distance"] * 224 / 14)
+    # flagged, not predicted: 2 x 2 patches at m = 0.9 keep int(4 x 0.1) = 0; 56 x 56 patches need 112 px
+    assert "keeps no patch" in rows[4]["flag"] and "112 px theory image" in rows[5]["flag"]
+    for r in rows[4:]:
+        assert r["mean_distance_px"] is None and r["data_mean_distance_px"] is None and r["mean_distance"] is None
     with pytest.raises(ValueError, match="does not divide"):
         predicted_scales([(0.5, 15)], images=image_dir, image_size=224)
-    with pytest.raises(ValueError, match="too fine"):
-        predicted_scales([(0.5, 2)], images=image_dir, image_size=224)
     same = predicted_scales([(0.5, 2)], images=image_dir, size=8, rank=4, n_samples=300)
-    assert same[0]["theory_size"] == 8 and same[0]["theory_patch_size"] == 2
+    assert same[0]["theory_size"] == 8 and same[0]["theory_patch_size"] == 2 and same[0]["flag"] is None
+
+
+def test_cli_findings_table_json_and_plot(image_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "findings.json", tmp_path / "findings.png"
+    assert _run(["--images", str(image_dir), "--findings", "--size", "8", "--rank", "4", "--patch-sizes", "2,4",
+                 "--mask-ratios", "0.5", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "Theorem 1" in text and "Ising" in text and "1/f^2" in text and "dae_lt_mae" in text
+    doc = json.loads(out_json.read_text())
+    assert [r["mask_ratio"] for r in doc["optimum"]] == [0.25, 0.75]
+    assert all(r["rel_gap"] <= 1e-9 and r["max_angle"] < 1e-3 for r in doc["optimum"])
+    assert {r["coupling"] for r in doc["ising"]} == {0.3, 0.6}
+    for rows in doc["jacobian"].values():
+        assert [(r["model"], r["patch_size"]) for r in rows] == [("AE", None), ("DAE", None), ("MAE", 2), ("MAE", 4)]
+    assert doc["config"]["dae_noise"] == 0.5
+    with Image.open(out_png) as im:
+        assert im.width > 600 and im.height > 200
+    with pytest.raises(SystemExit, match="grayscale"):
+        _run(["--images", str(image_dir), "--findings", "--color"])

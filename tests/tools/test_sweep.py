@@ -27,7 +27,10 @@ def test_sweep_tiny_cpu(tmp_path, monkeypatch):
         assert r["ideal_encoder_speedup"] == pytest.approx(1 / (1 - m))
         assert r["speedup_vs_ratio0"] == pytest.approx(r["images_per_s"] / rows[(p, 0.0)]["images_per_s"])
         assert r["speedup_vs_reference"] == pytest.approx(1.0)
-        assert r["predicted_mean_distance_px"] > 0
+        if p == 16 and m > 0:  # a single patch: the MAE keeps none, so the theory flags the point, no prediction
+            assert r["predicted_mean_distance_px"] is None and "keeps no patch" in r["predicted_flag"]
+        else:
+            assert r["predicted_mean_distance_px"] > 0 and "predicted_flag" not in r
     assert rows[(8, 0.0)]["speedup_vs_ratio0"] == 1.0
     # masking removes encoder work: fewer FLOPs per image as the ratio grows
     assert rows[(8, 0.0)]["flops_per_image"] > rows[(8, 0.5)]["flops_per_image"] > rows[(8, 0.75)]["flops_per_image"]
