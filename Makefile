@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup test bench cuda-check clean
+.PHONY: setup test bench cuda-check triton-check clean
 
 setup: $(SETUP_STAMP)
 
@@ -58,6 +58,7 @@ test: setup
 	@if command -v nvcc >/dev/null 2>&1 || [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then \
 	  $(MAKE) --no-print-directory cuda-check PYTHON=$(PY); \
 	else echo "cuda-check skipped: no nvcc"; fi
+	@$(MAKE) --no-print-directory triton-check PYTHON=$(PY)
 
 bench: setup
 	$(PY) -m mae_fast bench $(BENCH_ARGS)
@@ -66,6 +67,11 @@ bench: setup
 # (no linking), so the CUDA code cannot rot on machines without a GPU.
 cuda-check:
 	@$(PY) scripts/cuda_check.py
+
+# Compile every Triton kernel, as the ops launch it (a full-size ViT-B/L step included), for sm_90 with
+# Triton's own compiler (no GPU needed); ptxas reports registers and spills.
+triton-check:
+	@TRITON_DEFAULT_FP_FUSION=1 $(PY) scripts/triton_check.py
 
 clean:
 	rm -rf build dist *.egg-info mae_fast/*.so

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..ops import gather_patches
 from .attention import BACKENDS, attention
+from .fused import fused_forward, unfused_reason
 
 Size2 = reference.Size2
 
@@ -120,6 +121,8 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if unfused_reason(self, x) is None:
+            return fused_forward(self, x)  # the same block through mae_fast's fused ops (mae_fast.nn.fused)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 

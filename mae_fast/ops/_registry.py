@@ -79,7 +79,12 @@ class Kernel:
         self.op = torch.library.triton_op(f"mae_fast::{name}", fn, mutates_args=tuple(mutates_args))
 
     def __call__(self, *args):
-        return self.op(*args) if dispatching() else self.fn(*args)
+        if dispatching():
+            return self.op(*args)
+        if torch.autograd.profiler._is_profiler_enabled:  # a named range for the profiler, as the op would have
+            with torch.autograd.profiler.record_function(f"mae_fast::{self.name}"):
+                return self.fn(*args)
+        return self.fn(*args)
 
 
 def kernel(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], Kernel]:
@@ -87,9 +92,41 @@ def kernel(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], 
     return lambda fn: Kernel(fn, name, mutates_args)
 
 
-def launch(fn):
-    """A Triton kernel ready for ``[grid](...)``: traceable inside a registered op, a plain launch otherwise."""
-    return torch.library.wrap_triton(fn)
+_observers: list = []  # (callback, run): run False records the launch without running it
+
+
+class _Launch:
+    """``launch(kernel)[grid](*args, **kwargs)``: the kernel through ``torch.library.wrap_triton`` (traceable
+    inside a registered op, a plain launch otherwise), seen first by the observers of :func:`observe_launches`."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            for observe, _ in _observers:
+                observe(self.fn, grid, args, kwargs)
+            if all(execute for _, execute in _observers):
+                torch.library.wrap_triton(self.fn)[grid](*args, **kwargs)
+        return run
+
+
+def launch(fn) -> _Launch:
+    return _Launch(fn)
+
+
+@contextlib.contextmanager
+def observe_launches(run: bool = True):
+    """Context manager yielding a list that collects (kernel, grid, args, kwargs) of every launch inside;
+    ``run=False`` records the launches without running them (shapes and configurations only, e.g. on fake
+    tensors)."""
+    seen: list = []
+    entry = (lambda *launch_args: seen.append(launch_args), run)
+    _observers.append(entry)
+    try:
+        yield seen
+    finally:
+        _observers.remove(entry)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -113,3 +150,18 @@ def inverse_map(ids: torch.Tensor, L: int) -> torch.Tensor:
     inv = torch.full((N, L), -1, dtype=torch.int32, device=ids.device)  # [N, L]
     src = torch.arange(K, dtype=torch.int32, device=ids.device).expand(N, K)  # [N, K]
     return inv.scatter_(1, ids.long(), src)
+
+
+def autocast_off(t: torch.Tensor):
+    """A context without autocast on ``t``'s device: ops choose their dtypes themselves."""
+    if t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(t: torch.Tensor):
+    """The autocast dtype on ``t``'s device, or None when autocast is off there."""
+    kind = t.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None

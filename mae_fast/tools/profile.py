@@ -42,7 +42,7 @@ _NAME_RULES = [
     ("patch_embed", re.compile(r"convolution", re.I)),
 ]
 _FAST_OPS = [("masking", "masking"), ("gather", "gather"), ("unshuffle", "unshuffle"), ("normpixloss", "loss"),
-             ("loss", "loss")]
+             ("loss", "loss"), ("layer_norm", "norm"), ("pack_qkv", "attention")]
 
 
 # --------------------------------------------------------------------------- marking the model's parts
