@@ -22,6 +22,8 @@ the mean over all patches (the plain autoencoder's reconstruction loss); ``mask`
 Video: ``num_frames=T, t_patch_size=u`` (and ``tube_masking``) as in ``mae_fast.reference``: clips
 [N, C, T, H, W], space-time tubelet tokens; the same path with the tubelet-aware ops (gather_patches and
 norm_pix_loss take ``t_patch_size``) and, with tube masking, the masking engine's ``frames=T/u``.
+
+float64 models (which the fused ops do not take) run the same steps in plain torch, in float64.
 """
 from __future__ import annotations
 
@@ -42,7 +44,16 @@ class FastMAEMethods(reference.PatchLayoutMethods):
     which get these methods by a class swap. Needs: patch_embed (a ``mae_fast.nn.PatchEmbed``),
     cls_token, pos_embed, blocks, norm, decoder_embed, mask_token, decoder_pos_embed,
     decoder_blocks, decoder_norm, decoder_pred, norm_pix_loss.
+
+    ``official_noise``: False (default) draws masks from the masking engine (Philox keys: seeded by
+    ``torch.manual_seed``, but not the official code's masks). True draws ``noise = torch.rand(N, L)``
+    (``[N, L/T]`` with tube masking) on the images' device when no noise is given, as the official
+    ``random_masking`` does, so the same seed gives the official run's masks exactly. It is slower:
+    an [N, L] float draw and a sort of it instead of the engine's one pass. Set it on the model
+    (``model.official_noise = True``) or with ``patch_model(model, official_noise=True)``.
     """
+
+    official_noise: bool = False
 
     # -- the pieces
     def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
@@ -55,13 +66,18 @@ class FastMAEMethods(reference.PatchLayoutMethods):
             # a NaN/inf anywhere makes the sum non-finite (cheap); only then look element by element
             if not bool(torch.isfinite(imgs.sum(dtype=torch.float32))) and not bool(torch.isfinite(imgs).all()):
                 raise ValueError("imgs contains NaN or inf values")
-        return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, float(mask_ratio),
-                                  device=imgs.device, noise=noise, frames=self.mask_frames)
+        return self._masks(imgs.shape[0], self.patch_embed.num_patches, mask_ratio, imgs.device, noise)
+
+    def _masks(self, N: int, L: int, mask_ratio: float, device, noise: Optional[torch.Tensor]):
+        if noise is None and self.official_noise:
+            noise = torch.rand(N, L // self.mask_frames, device=device)  # the official draw
+        return ops.random_masking(N, L, float(mask_ratio), device=device, noise=noise, frames=self.mask_frames)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
         """The official signature: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
-        m = ops.random_masking(x.shape[0], x.shape[1], float(mask_ratio), device=x.device, noise=noise,
-                               frames=self.mask_frames)
+        m = self._masks(x.shape[0], x.shape[1], mask_ratio, x.device, noise)
+        if x.dtype == torch.float64:
+            return torch.gather(x, 1, m.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2])), m.mask, m.ids_restore
         return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
 
     def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -77,6 +93,11 @@ class FastMAEMethods(reference.PatchLayoutMethods):
     def _decode_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Decoder blocks on cls + all L tokens (mask tokens filled in): [N, 1+L, Dd], before decoder_norm."""
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
+        if x.dtype == torch.float64:
+            x = _unshuffle_float64(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+            for blk in self.decoder_blocks:
+                x = blk(x)
+            return x
         # fp32 mask token and positions are added in fp32 inside the op, one rounding to x's dtype
         x = ops.unshuffle_tokens(x, ids_restore, self.mask_token,
                                  pos_embed=self.decoder_pos_embed, num_prefix=1)  # [N, 1+L, Dd]
@@ -97,6 +118,8 @@ class FastMAEMethods(reference.PatchLayoutMethods):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The official loss, fused: read straight from imgs, gradient computed in the same pass."""
+        if pred.dtype == torch.float64:
+            return _loss_float64(pred, imgs, mask, self.patch_size, self.t_patch_size, bool(self.norm_pix_loss))
         return ops.norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=bool(self.norm_pix_loss),
                                  t_patch_size=self.t_patch_size)
 
@@ -110,6 +133,8 @@ class FastMAEMethods(reference.PatchLayoutMethods):
 
     def forward_train(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
         """The loss only, with decoder_norm and decoder_pred applied to removed tokens only (same loss)."""
+        if imgs.dtype == torch.float64:
+            return self.forward(imgs, mask_ratio, noise)[0]
         m = self._masking(imgs, mask_ratio, noise)
         K, L = m.ids_keep.shape[1], m.ids_restore.shape[1]
         if K == L:  # nothing removed: the loss is over every patch, as in forward
@@ -123,6 +148,27 @@ class FastMAEMethods(reference.PatchLayoutMethods):
         pred = self.decoder_pred(self.decoder_norm(x))  # [N, L-K, p*p*C]
         return ops.norm_pix_loss(pred, imgs, None, self.patch_size, norm_pix=bool(self.norm_pix_loss),
                                  ids_masked=ids_masked, t_patch_size=self.t_patch_size)
+
+
+def _unshuffle_float64(x: torch.Tensor, ids_restore: torch.Tensor, mask_token, pos_embed) -> torch.Tensor:
+    """ops.unshuffle_tokens in plain torch: [N, 1+K, D] -> [N, 1+L, D], mask tokens and positions added."""
+    N, K1, D = x.shape
+    L = ids_restore.shape[1]
+    tokens = torch.cat([x[:, 1:], mask_token.to(x.dtype).expand(N, L + 1 - K1, D)], dim=1)  # [N, L, D]
+    tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # [N, L, D]
+    return torch.cat([x[:, :1], tokens], dim=1) + pos_embed.to(x.dtype)  # [N, 1+L, D]
+
+
+def _loss_float64(pred, imgs, mask, p: int, u: int, norm_pix: bool, eps: float = 1e-6) -> torch.Tensor:
+    """ops.norm_pix_loss in plain torch: targets in (u, p-row, p-col, C) order, masked mean of the patch MSE."""
+    clip = imgs if imgs.dim() == 5 else imgs.unsqueeze(2)  # [N, C, T, H, W]
+    N, C, T, H, W = clip.shape
+    target = clip.reshape(N, C, T // u, u, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    target = target.reshape(N, -1, u * p * p * C)  # [N, L, u*p*p*C]
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + eps) ** 0.5
+    loss = ((pred - target) ** 2).mean(-1)  # [N, L]
+    return (loss * mask).sum() / mask.sum()
 
 
 class MaskedAutoencoderViT(FastMAEMethods, nn.Module):
