@@ -159,7 +159,7 @@ def patch_embed_refusal(pe: nn.Module) -> Optional[str]:
     if img is None or len(img) != 2 or img[0] % p[0] or img[1] % p[1]:
         return f"patch_embed.img_size {img} is not a size the patch divides"
     if (not getattr(pe, "flatten", True) or getattr(pe, "dynamic_img_pad", False)
-            or not getattr(pe, "strict_img_size", True) or str(getattr(pe, "output_fmt", "NCHW")) != "NCHW"):
+            or not getattr(pe, "strict_img_size", True) or getattr(pe, "output_fmt", "NCHW") != "NCHW"):  # timm's Format is a str enum
         return "patch_embed is not in the plain layout (flatten, fixed image size, no padding)"
     return None
 

@@ -357,7 +357,7 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"{', '.join(k for k, v in extras.items() if v)}: not supported for video "
                                  f"(num_frames > 1 or t_patch_size > 1)")
         self.flatten = flatten if output_fmt is None else False
-        self.output_fmt = "NCHW" if output_fmt is None else str(output_fmt)
+        self.output_fmt = "NCHW" if output_fmt is None else str(getattr(output_fmt, "value", output_fmt))
         self.strict_img_size = strict_img_size
         self.dynamic_img_pad = dynamic_img_pad
         if self.video:

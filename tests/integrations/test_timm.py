@@ -133,7 +133,7 @@ def test_mlp_is_timms(kw):
     assert (ours.drop1.p, ours.drop2.p) == (theirs.drop1.p, theirs.drop2.p)
 
 
-PE = [dict(), dict(norm_layer=TL.LayerNorm, bias=False), dict(flatten=False), dict(output_fmt="NHWC"),
+PE = [dict(), dict(norm_layer=TL.LayerNorm, bias=False), dict(flatten=False), dict(output_fmt=TL.Format.NHWC),
       dict(output_fmt="NCL"), dict(output_fmt="NLC"), dict(strict_img_size=False),
       dict(strict_img_size=False, dynamic_img_pad=True), dict(img_size=(32, 48), patch_size=(8, 16))]
 
