@@ -175,3 +175,14 @@ def test_float64_models_run_and_match(norm_pix):
     x = torch.randn(3, 16, 24, dtype=torch.float64)
     kept, m2, restore = own.random_masking(x, 0.75, noise)
     assert torch.equal(kept, R.random_masking(x, 0.75, noise)[0]) and torch.equal(m2, m_ref)
+
+
+def test_float64_video_model_matches_the_reference():
+    cfg = dict(CFG, num_frames=4, t_patch_size=2, tube_masking=True, norm_pix_loss=True)
+    torch.manual_seed(0)
+    ref = R.MaskedAutoencoderViT(**cfg).double()
+    fast = M.MaskedAutoencoderViT(**cfg).double()
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    clips = torch.randn(2, 3, 4, 32, 32, dtype=torch.float64)
+    noise = torch.rand(2, 16)  # tube masking: one spatial noise per clip
+    assert_same_mae_step(ref, fast, clips, 0.75, noise, pred_tol=1e-12, loss_tol=1e-12, grad_tol=1e-10)
