@@ -1,6 +1,9 @@
 """Helpers for comparing fast ops against a float64 oracle (used by the tests; public for users)."""
 from __future__ import annotations
 
+import inspect
+from typing import Optional
+
 import torch
 
 
@@ -112,15 +115,37 @@ def check_op(fn, oracle, inputs, grad_out: torch.Tensor, *, name: str = "op", rt
         compare(g, g64, gs, f"{name} grad[{i}]")
 
 
-def assert_same_mae_step(ref, fast, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor, *,
-                         pred_tol: float = 1e-5, loss_tol: float = 1e-5, grad_tol: float = 1e-4) -> dict:
-    """Two MAEs with the official interface agree on one step: same mask, pred and loss (relative
-    tolerances) given the same noise, and every parameter's gradient after ``loss.backward()``.
+def _takes_noise(model) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
-    Returns the reference's gradients by parameter name.
+
+def assert_same_mae_step(ref, fast, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None, *,
+                         seed: int = 0, pred_tol: float = 1e-5, loss_tol: float = 1e-5, grad_tol: float = 1e-4) -> dict:
+    """Two MAEs with the official interface agree on one step: same mask, pred and loss (relative
+    tolerances) and every parameter's gradient after ``loss.backward()``.
+
+    ``noise`` [N, L]: given to both forwards as ``model(imgs, mask_ratio, noise)``. None: the official
+    draw, for a ``ref`` whose forward takes no noise (the official ``models_mae.py``): each forward runs
+    right after ``torch.manual_seed(seed)``, ``ref`` as ``ref(imgs, mask_ratio)`` (its random_masking draws
+    ``torch.rand(N, L)`` first), ``fast`` with that same draw as its noise. The global RNG state is
+    restored afterwards. Returns the reference's gradients by parameter name.
     """
-    l_ref, p_ref, m_ref = ref(imgs, mask_ratio, noise)
-    l_fast, p_fast, m_fast = fast(imgs, mask_ratio, noise)
+    if noise is None:
+        L = fast.patch_embed.num_patches // getattr(fast, "mask_frames", 1)
+        devices = [imgs.device] if imgs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            l_ref, p_ref, m_ref = ref(imgs, mask_ratio)
+            torch.manual_seed(seed)
+            drawn = torch.rand(imgs.shape[0], L, device=imgs.device)  # what the official random_masking draws
+            l_fast, p_fast, m_fast = fast(imgs, mask_ratio, drawn)
+    else:
+        if not _takes_noise(ref):
+            raise ValueError(f"noise: ref ({type(ref).__name__}) has a forward without noise; leave noise=None "
+                             f"to compare on the official torch.rand draw (seed=)")
+        l_ref, p_ref, m_ref = ref(imgs, mask_ratio, noise)
+        l_fast, p_fast, m_fast = fast(imgs, mask_ratio, noise)
     if not torch.equal(m_fast, m_ref):
         raise AssertionError("mask differs")
     if rel_err(p_fast, p_ref) >= pred_tol:

@@ -16,6 +16,8 @@ model, so checkpoints and optimizer state line up. One training step:
 returns the loss only and runs decoder_norm/decoder_pred on the removed tokens only (the same loss). At
 mask ratio 0 the loss is the mean over all patches (the official one divides by zero). Video
 (``num_frames=T, t_patch_size=u``, ``tube_masking``): clips [N, C, T, H, W], space-time tubelet tokens.
+
+float64 models run the same steps, on the ops' plain torch path.
 """
 from __future__ import annotations
 
@@ -39,7 +41,16 @@ class FastMAEMethods:
     which get these methods by a class swap. Needs: patch_embed (a ``mae_fast.nn.PatchEmbed``),
     cls_token, pos_embed, blocks, norm, decoder_embed, mask_token, decoder_pos_embed,
     decoder_blocks, decoder_norm, decoder_pred, norm_pix_loss.
+
+    ``official_noise``: False (default) draws masks from the masking engine (Philox keys: seeded by
+    ``torch.manual_seed``, but not the official code's masks). True draws ``noise = torch.rand(N, L)``
+    (``[N, L/T]`` with tube masking) on the images' device when no noise is given, as the official
+    ``random_masking`` does, so the same seed gives the official run's masks exactly. It is slower:
+    an [N, L] float draw and a sort of it instead of the engine's one pass. Set it on the model
+    (``model.official_noise = True``) or with ``patch_model(model, official_noise=True)``.
     """
+
+    official_noise: bool = False
 
     # -- the patch layout (from patch_embed)
     @property
@@ -91,13 +102,16 @@ class FastMAEMethods:
             # a NaN/inf anywhere makes the sum non-finite (cheap); only then look element by element
             if not bool(torch.isfinite(imgs.sum(dtype=torch.float32))) and not bool(torch.isfinite(imgs).all()):
                 raise ValueError("imgs contains NaN or inf values")
-        return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, float(mask_ratio),
-                                  device=imgs.device, noise=noise, frames=self.mask_frames)
+        return self._masks(imgs.shape[0], self.patch_embed.num_patches, mask_ratio, imgs.device, noise)
+
+    def _masks(self, N: int, L: int, mask_ratio: float, device, noise: Optional[torch.Tensor]):
+        if noise is None and self.official_noise:
+            noise = torch.rand(N, L // self.mask_frames, device=device)  # the official draw
+        return ops.random_masking(N, L, float(mask_ratio), device=device, noise=noise, frames=self.mask_frames)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
         """The official signature: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
-        m = ops.random_masking(x.shape[0], x.shape[1], float(mask_ratio), device=x.device, noise=noise,
-                               frames=self.mask_frames)
+        m = self._masks(x.shape[0], x.shape[1], mask_ratio, x.device, noise)
         return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
 
     def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor, out_dtype: Optional[torch.dtype] = None):

@@ -49,8 +49,8 @@ def unfused_reason(block, x: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why ``block`` runs module by module (None when it runs fused), for input ``x`` if given."""
     if not _enabled:
         return "fused blocks are turned off (mae_fast.nn.set_fused_blocks(False))"
-    if x is not None and (x.dim() != 3 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
-        return f"input is not a [B, N, C] tensor of float32, bfloat16 or float16 (got {x.dim()} dims, {x.dtype})"
+    if x is not None and (x.dim() != 3 or not x.is_floating_point()):
+        return f"input is not a float [B, N, C] tensor (got {x.dim()} dims, {x.dtype})"
     if torch.compiler.is_compiling():
         return "torch.compile traces the module-by-module forward and fuses it itself"
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
@@ -65,6 +65,11 @@ def unfused_reason(block, x: Optional[torch.Tensor] = None) -> Optional[str]:
             return f"attn.{name} is used"
     if type(attn.qkv) is not nn.Linear or type(attn.proj) is not nn.Linear:
         return "attn.qkv / attn.proj are not nn.Linear"
+    dim = attn.qkv.in_features
+    if attn.qkv.out_features != 3 * dim or attn.proj.in_features != dim or dim % attn.num_heads:
+        return "attn's width differs from the block's (attn_head_dim / dim_out)"
+    if getattr(attn, "gate", None) is not None:
+        return "attn is gated"
     if not isinstance(getattr(attn, "attn_drop", None), (nn.Dropout, nn.Identity)):
         return "attn.attn_drop is not a Dropout"
     for name in ("ls1", "ls2"):

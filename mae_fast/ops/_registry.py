@@ -55,14 +55,23 @@ def path(name: str) -> Iterator[None]:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op on tensor ``t`` runs its Triton kernels (see the module docstring)."""
+    """Whether an op on tensor ``t`` runs its Triton kernels (see the module docstring). float64 always
+    takes the torch path: the kernels compute in fp32."""
     runnable = t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret())
     if _path == "torch":
         return False
+    if _path == "triton" and t.dtype == torch.float64:
+        raise RuntimeError("mae_fast.ops path 'triton': the kernels have no float64 version (path 'auto' runs "
+                           "float64 on the torch path)")
     if _path == "triton" and not runnable and t.device.type != "meta":
         raise RuntimeError(f"mae_fast.ops path 'triton' needs CUDA tensors or TRITON_INTERPRET=1 on the CPU, "
                            f"got a tensor on {t.device}")
-    return runnable
+    return runnable and t.dtype != torch.float64
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """t in the dtype the torch paths compute in: float64 stays float64, anything else becomes fp32."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def dispatching() -> bool:

@@ -17,7 +17,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import add_layer_norm as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton
+from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton, wide
 
 __all__ = ["add_layer_norm", "add_layer_norm_torch", "add_layer_norm_backward_torch"]
 
@@ -26,32 +26,32 @@ def add_layer_norm_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                          branch: Optional[Tensor], branch_bias: Optional[Tensor], out_dtype: torch.dtype):
     """Plain torch forward on rows [R, D]: (y, s (empty without a branch), mean [R], rstd [R])."""
     if branch is not None:
-        v = x.float() + branch.float()
+        v = wide(x) + wide(branch)
         if branch_bias is not None:
-            v = v + branch_bias.float()
+            v = v + wide(branch_bias)
         s = v.to(x.dtype)
-        v = s.float()
+        v = wide(s)
     else:
-        s, v = x.new_empty((0,)), x.float()
+        s, v = x.new_empty((0,)), wide(x)
     var, mean = torch.var_mean(v, dim=1, unbiased=False)  # [R]
     rstd = torch.rsqrt(var + eps)
     y = (v - mean[:, None]) * rstd[:, None]  # [R, D]
     if weight is not None:
-        y = y * weight.float()
+        y = y * wide(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + wide(bias)
     return y.to(out_dtype), s, mean, rstd
 
 
 def add_layer_norm_backward_torch(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                                   ds: Optional[Tensor], dz_dtype: torch.dtype, dbr_dtype: Optional[torch.dtype]):
     """(dz [R, D] in dz_dtype, dbranch (empty unless dbr_dtype), sums [3, D] fp32: dweight, dbias, dbranch_bias)."""
-    xhat = (s.float() - mean[:, None]) * rstd[:, None]  # [R, D]
-    dyf = dy.float()
-    g = dyf * weight.float() if weight is not None else dyf
+    xhat = (wide(s) - mean[:, None]) * rstd[:, None]  # [R, D]
+    dyf = wide(dy)
+    g = dyf * wide(weight) if weight is not None else dyf
     dz = (g - xhat * (g * xhat).mean(1, keepdim=True) - g.mean(1, keepdim=True)) * rstd[:, None]
     if ds is not None:
-        dz = dz + ds.float()
+        dz = dz + wide(ds)
     sums = torch.stack([(dyf * xhat).sum(0), dyf.sum(0), dz.sum(0)])  # [3, D]
     dbr = dz.to(dbr_dtype) if dbr_dtype is not None else dz.new_empty((0,))
     return dz.to(dz_dtype), dbr, sums

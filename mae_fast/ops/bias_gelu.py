@@ -15,7 +15,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import bias_gelu as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton
+from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton, wide
 
 __all__ = ["bias_gelu", "bias_gelu_torch", "bias_gelu_backward_torch"]
 APPROXIMATIONS = ("none", "tanh")
@@ -23,14 +23,14 @@ APPROXIMATIONS = ("none", "tanh")
 
 def bias_gelu_torch(h: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     """Plain torch forward on rows [R, F]."""
-    z = h.float() if bias is None else h.float() + bias.float()
+    z = wide(h) if bias is None else wide(h) + wide(bias)
     return F.gelu(z, approximate=approximate).to(h.dtype)
 
 
 def bias_gelu_backward_torch(da: Tensor, h: Tensor, bias: Optional[Tensor], approximate: str):
     """(dh [R, F] in h's dtype, dbias [F] fp32)."""
-    z = h.float() if bias is None else h.float() + bias.float()
-    dh = torch.ops.aten.gelu_backward(da.float(), z, approximate=approximate)  # [R, F] fp32
+    z = wide(h) if bias is None else wide(h) + wide(bias)
+    dh = torch.ops.aten.gelu_backward(wide(da), z, approximate=approximate)  # [R, F] fp32
     return dh.to(h.dtype), dh.sum(0)
 
 

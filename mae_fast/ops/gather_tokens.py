@@ -14,7 +14,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import gather_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
-from ._registry import cdiv, inverse_map, kernel, launch, no_grad_placeholder, unused_pointer, use_triton
+from ._registry import cdiv, inverse_map, kernel, launch, no_grad_placeholder, unused_pointer, use_triton, wide
 
 __all__ = ["gather_tokens", "gather_tokens_torch", "gather_tokens_backward_torch"]
 
@@ -25,7 +25,7 @@ def gather_tokens_torch(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor]
     idx = ids_keep.long()  # [N, K]
     out = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # [N, K, D]
     if pos_embed is not None:
-        out = (out.float() + pos_embed[0].float()[idx]).to(x.dtype)  # [N, K, D]
+        out = (wide(out) + wide(pos_embed[0])[idx]).to(x.dtype)  # [N, K, D]
     if prefix is not None:
         out = torch.cat([prefix.to(x.dtype).expand(N, -1, -1), out], dim=1)  # [N, P+K, D]
     return out.contiguous()
@@ -37,8 +37,8 @@ def gather_tokens_backward_torch(grad: Tensor, ids_keep: Tensor, L: int, P: int,
     N, _, D = grad.shape
     gx = torch.zeros(N, L, D, dtype=grad.dtype, device=grad.device)
     gx.scatter_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, D), grad[:, P:])  # [N, L, D]
-    gpos = gx.float().sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)
-    gpre = grad[:, :P].float().sum(0, keepdim=True) if need_prefix else no_grad_placeholder(grad)
+    gpos = wide(gx).sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)
+    gpre = wide(grad[:, :P]).sum(0, keepdim=True) if need_prefix else no_grad_placeholder(grad)
     return (gx if need_x else grad.new_empty((0,))), gpos, gpre
 
 

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_dtype, autocast_off
+from ._registry import autocast_dtype, autocast_off, wide
 
 __all__ = ["linear", "compute_dtype", "mm_out"]
 
@@ -57,19 +57,19 @@ class _Linear(torch.autograd.Function):
         with autocast_off(g):
             dx = torch.mm(g2, w).to(x_dtype).view(x_shape) if need_x else None
             dw = mm_out(g2.t(), x2, w_dtype) if need_w else None
-            db = g2.float().sum(0).to(b_dtype) if need_b and b_dtype is not None else None
+            db = wide(g2).sum(0).to(b_dtype) if need_b and b_dtype is not None else None
         return dx, dw, db, None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., K] @ weight [M, K]^T (+ bias [M]) -> [..., M] in the GEMM dtype (the autocast dtype under
     autocast, else x's); autograd to x, weight and bias, each gradient in its input's dtype."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), device=x.device)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dim must be the weight's in_features {weight.shape[1]}, got shape "
                          f"{list(x.shape)}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), device=x.device)
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("bias", bias, (weight.shape[0],))
     return _Linear.apply(x, weight, bias, compute_dtype(x, weight))

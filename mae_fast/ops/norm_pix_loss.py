@@ -19,17 +19,18 @@ from mae_fast.kernels import norm_pix_loss as _k
 
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_clip_grid, check_index_range, check_indices_enabled,
                       check_same_device, check_shape, check_tensor)
-from ._registry import dispatching, kernel, launch, use_triton
+from ._registry import dispatching, kernel, launch, use_triton, wide
 
 __all__ = ["norm_pix_loss", "norm_pix_loss_torch", "norm_pix_loss_forward_torch", "norm_pix_loss_forward_triton"]
 
 
 # ------------------------------------------------------------------------------------------ torch path
-def _patch_targets(imgs: Tensor, p: int, u: int = 1) -> Tensor:
-    """imgs [N, C, H, W] or [N, C, T, H, W] -> fp32 targets [N, L, u*p*p*C] in patchify order (u, p, p, C)."""
+def _patch_targets(imgs: Tensor, p: int, u: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """imgs [N, C, H, W] or [N, C, T, H, W] -> targets [N, L, u*p*p*C] in ``dtype``, in patchify order
+    (u, p, p, C)."""
     v = imgs.unsqueeze(2) if imgs.dim() == 4 else imgs  # [N, C, T, H, W], T = 1 for an image
     n, c, t, h, w = v.shape
-    x = v.float().reshape(n, c, t // u, u, h // p, p, w // p, p)  # [N, C, T', u, h, p, w, p]
+    x = v.to(dtype).reshape(n, c, t // u, u, h // p, p, w // p, p)  # [N, C, T', u, h, p, w, p]
     x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [N, T', h, w, u, p, p, C]
     return x.reshape(n, (t // u) * (h // p) * (w // p), u * p * p * c)  # [N, L, D]
 
@@ -43,18 +44,20 @@ def _pow2_scale_torch(den: Tensor, d: int) -> Tensor:
 
 def norm_pix_loss_forward_torch(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, u: int = 1,
                                 write_grad: bool = True):
-    """(loss fp32 [], gbuf [N, Lp, D] in pred's dtype (empty without write_grad), unscale fp32 []).
+    """(loss [], gbuf [N, Lp, D] in pred's dtype (empty without write_grad), unscale []), in fp32 (float64
+    when pred or imgs is float64).
 
-    Works in place on its own fp32 target copy: statistics, normalisation, diff and gradient reuse it.
+    Works in place on its own target copy: statistics, normalisation, diff and gradient reuse it.
     """
     n, lp, d = pred.shape
-    t = _patch_targets(imgs, p, u)  # [N, L, D] fp32
+    acc = torch.float64 if torch.float64 in (pred.dtype, imgs.dtype) else torch.float32
+    t = _patch_targets(imgs, p, u, acc)  # [N, L, D]
     if ids is not None:
         t = t.gather(1, ids.long()[:, :, None].expand(n, lp, d))  # [N, M, D], a new tensor
-        w = torch.ones(n, lp, dtype=torch.float32, device=pred.device)  # [N, M]
-        den = torch.full((), float(n * lp), dtype=torch.float32, device=pred.device)  # N * M, no reduction
+        w = torch.ones(n, lp, dtype=acc, device=pred.device)  # [N, M]
+        den = torch.full((), float(n * lp), dtype=acc, device=pred.device)  # N * M, no reduction
     else:
-        w = weight.float()  # [N, L]
+        w = weight.to(acc)  # [N, L]
         den = w.sum()
     if t._is_view():
         t = t.clone()  # patchify was a view of imgs (one patch per image): never write to the user's tensor
@@ -65,7 +68,7 @@ def norm_pix_loss_forward_torch(pred, imgs, weight, ids, p: int, norm_pix: bool,
     active = w != 0  # [N, Lp]
     row = torch.linalg.vecdot(diff, diff) / d  # [N, Lp]
     loss = torch.where(active, row * w, 0.0).sum() / den
-    unscale = torch.ones((), dtype=torch.float32, device=pred.device)
+    unscale = torch.ones((), dtype=acc, device=pred.device)
     if not write_grad:
         return loss, pred.new_empty((0,)), unscale
     grad1 = diff.mul_((w * (2.0 / d) / den)[:, :, None])  # 2 * w * diff / (D * den)
@@ -155,7 +158,7 @@ def _forward(pred: Tensor, imgs: Tensor, weight: Optional[Tensor], ids: Optional
 def _backward(gbuf: Tensor, unscale: Tensor, grad_loss: Tensor) -> Tensor:
     """grad_pred = gbuf * (grad_loss * unscale): a new tensor, the buffer is not modified."""
     if not use_triton(gbuf):
-        return (gbuf.float() * (grad_loss.float() * unscale.float())).to(gbuf.dtype)
+        return (wide(gbuf) * (wide(grad_loss) * wide(unscale))).to(gbuf.dtype)
     return _scale_triton(gbuf, unscale, grad_loss, torch.empty_like(gbuf))
 
 
@@ -163,7 +166,7 @@ def _scale_in_place(gbuf: Tensor, unscale: Tensor, grad_loss: Tensor) -> Tensor:
     """The eager backward: the buffer becomes grad_pred in place (on the device: no host sync)."""
     if use_triton(gbuf):
         return _scale_triton(gbuf, unscale, grad_loss, gbuf)
-    factor = grad_loss.float() * unscale  # a CPU scalar: comparing it costs no sync
+    factor = wide(grad_loss) * unscale  # a CPU scalar: comparing it costs no sync
     return gbuf if bool(factor == 1.0) else gbuf.mul_(factor)
 
 
@@ -254,7 +257,7 @@ def norm_pix_loss(
     if ids_masked is None:
         if mask is None:
             raise ValueError("mask must be given (shape [N, L]) unless ids_masked is given")
-        check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64, torch.bool))
+        check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,))
         check_same_device(pred=pred, imgs=imgs, mask=mask)
         check_shape("pred", pred, (n, num_patches, d))
         check_shape("mask", mask, (n, num_patches))
@@ -266,7 +269,7 @@ def norm_pix_loss(
                 f"ids_masked must have shape [{n}, M] with M >= 1, got [{', '.join(map(str, ids_masked.shape))}]")
         check_shape("pred", pred, (n, ids_masked.shape[1], d))
         if mask is not None:
-            check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64, torch.bool))
+            check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,))
             check_shape("mask", mask, (n, num_patches))
     if n == 0:
         raise ValueError("imgs must hold at least one image (N >= 1), got N = 0")

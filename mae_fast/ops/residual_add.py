@@ -15,21 +15,21 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import residual_add as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton
+from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton, wide
 
 __all__ = ["residual_add", "residual_add_torch", "residual_add_backward_torch"]
 
 
 def residual_add_torch(s: Tensor, branch: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Plain torch forward on rows [R, D]."""
-    v = s.float() + branch.float()
-    return (v if bias is None else v + bias.float()).to(s.dtype)
+    v = wide(s) + wide(branch)
+    return (v if bias is None else v + wide(bias)).to(s.dtype)
 
 
 def residual_add_backward_torch(dout: Tensor, dbr_dtype: Optional[torch.dtype]):
     """(dbranch [R, D] in dbr_dtype, or empty without one; dbias [D] fp32)."""
     dbr = dout.to(dbr_dtype) if dbr_dtype is not None else dout.new_empty((0,))
-    return dbr, dout.float().sum(0)
+    return dbr, wide(dout).sum(0)
 
 
 @kernel("residual_add")

@@ -18,7 +18,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import self_attention as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, use_triton
+from ._registry import autocast_off, kernel, launch, use_triton, wide
 from .linear import compute_dtype, mm_out
 
 __all__ = ["self_attention", "pack_qkv_grad_torch"]
@@ -28,7 +28,7 @@ def pack_qkv_grad_torch(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool):
     """(dqkv [B*N, 3*D] in dq's dtype, dbias [3*D] fp32, or empty without need_bias)."""
     B, H, N, hd = dq.shape
     dqkv = torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(B * N, 3 * H * hd)  # [B*N, 3D]
-    dbias = dqkv.float().sum(0) if need_bias else dqkv.new_empty((0,), dtype=torch.float32)
+    dbias = wide(dqkv).sum(0) if need_bias else dqkv.new_empty((0,), dtype=torch.float32)
     return dqkv, dbias
 
 
@@ -101,14 +101,14 @@ def self_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], nu
     """Multi-head self-attention of x [B, N, C] with the qkv projection qkv_weight [3C, C] (+ qkv_bias [3C])
     -> [B, N, C] (the input of the output projection) in the GEMM dtype; autograd to x and the qkv
     parameters."""
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
         raise ValueError(f"num_heads must be a positive int dividing C={C}, got {num_heads!r}")
-    check_tensor("qkv_weight", qkv_weight, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), device=x.device)
+    check_tensor("qkv_weight", qkv_weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
     check_shape("qkv_weight", qkv_weight, (3 * C, C))
     if qkv_bias is not None:
-        check_tensor("qkv_bias", qkv_bias, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), device=x.device)
+        check_tensor("qkv_bias", qkv_bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("qkv_bias", qkv_bias, (3 * C,))
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:

@@ -14,7 +14,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import unshuffle_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indices_enabled, check_permutation_rows, check_shape, check_tensor
-from ._registry import cdiv, kernel, launch, no_grad_placeholder, unused_pointer, use_triton
+from ._registry import cdiv, kernel, launch, no_grad_placeholder, unused_pointer, use_triton, wide
 
 __all__ = ["unshuffle_tokens", "unshuffle_tokens_torch", "unshuffle_tokens_backward_torch"]
 
@@ -26,12 +26,12 @@ def unshuffle_tokens_torch(x: Tensor, ids_restore: Tensor, mask_token: Tensor, p
     P, L = num_prefix, ids_restore.shape[1]
     K = T - P
     out_dtype = out_dtype or x.dtype
-    xw = x if pos_embed is None and out_dtype == x.dtype else x.float()
+    xw = x if pos_embed is None and out_dtype == x.dtype else wide(x)
     xs = torch.cat([xw[:, P:], mask_token.to(xw.dtype).expand(N, L - K, D)], dim=1)  # [N, L, D]
     xs = torch.gather(xs, 1, ids_restore.long().unsqueeze(-1).expand(-1, -1, D))  # [N, L, D]
     out = torch.cat([xw[:, :P], xs], dim=1)  # [N, P+L, D]
     if pos_embed is not None:
-        out = out + pos_embed.float()
+        out = out + wide(pos_embed)
     return out.to(out_dtype).contiguous()
 
 
@@ -41,10 +41,10 @@ def unshuffle_tokens_backward_torch(grad: Tensor, ids_restore: Tensor, K: int, P
     unneeded ones empty."""
     N, _, D = grad.shape
     idx = ids_restore.long()  # [N, L]
-    gpos = grad.float().sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)  # [1, P+L, D]
+    gpos = wide(grad).sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)  # [1, P+L, D]
     gt = grad[:, P:]  # [N, L, D]
     removed = (idx >= K).unsqueeze(-1)  # [N, L, 1]
-    gmask = (gt.float() * removed).sum((0, 1)).reshape(1, 1, D) if need_mask else no_grad_placeholder(grad)
+    gmask = (wide(gt) * removed).sum((0, 1)).reshape(1, 1, D) if need_mask else no_grad_placeholder(grad)
     if not need_x:
         return grad.new_empty((0,)), gpos, gmask
     gx = torch.zeros(N, P + K, D, dtype=x_dtype or grad.dtype, device=grad.device)
