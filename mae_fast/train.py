@@ -28,19 +28,21 @@ How a call runs on CUDA with ``cuda_graph=True``:
 Before every replay the call checks what the graph has baked in: the batch shape and dtype, the model's
 parameters and buffers (which ones each module holds, their storage, requires_grad), every module's
 train/eval mode, the optimizer's param groups, state dict object and hyperparameters (other than a
-tensor lr), and the global attention backend. When one of them changed, the graph is dropped and the
-step re-captured after one eager step (a warning says so the first time, with what changed; a batch of
-another size re-captures too, so use ``drop_last=True`` to keep every step a replay). Not seen: changes
-that bypass nn.Module's attribute assignment (``del module.weight``, writing ``module._parameters``) and
-global torch settings; call :meth:`TrainStep.reset` after those.
+tensor lr), the global attention backend, and the step's own mask_ratio, amp and grad_clip. When one of
+them changed, the graph is dropped and the step re-captured after one eager step (a warning says so the
+first time, with what changed). A batch of another size re-captures too: use ``drop_last=True`` to keep
+every step a replay. Not seen: changes that bypass nn.Module's attribute assignment (``del
+module.weight``, writing ``module._parameters``) and global torch settings; call
+:meth:`TrainStep.reset` after those.
 
 Elsewhere (CPU, or ``cuda_graph=False``) the same call runs the same step eagerly: the results equal a
 hand-written loop's (``zero_grad(set_to_none=True)``, forward, backward, clip, ``optimizer.step()``,
 ``scheduler.step()``) bit for bit.
 
-Not supported with the graph: a DistributedDataParallel model (an error: use ``cuda_graph=False``),
-an optimizer without ``capturable=True`` (an error), fp16 autocast (it needs a GradScaler: an error on
-every device; use bf16), gradient accumulation over several calls (every call starts from no gradients).
+Not supported with the graph: a DistributedDataParallel or DataParallel model (an error: use
+``cuda_graph=False``), an optimizer without ``capturable=True`` (an error). Not supported at all: fp16
+autocast (it needs a GradScaler: an error on every device; use bf16), gradient accumulation over
+several calls (every call starts from no gradients).
 """
 from __future__ import annotations
 
@@ -57,8 +59,6 @@ from .nn import get_attn_backend
 __all__ = ["TrainStep"]
 
 _AMP = {"bf16": torch.bfloat16, "fp32": None, None: None}
-
-
 _REGISTRATIONS = [0]  # parameters, buffers and submodules assigned anywhere in the process (see _count)
 _COUNTING = [False]
 
@@ -202,15 +202,7 @@ class TrainStep:
         self.grad_norm: Optional[torch.Tensor] = None
         self._forward = _train_forward(model)
         if self.graphed:
-            self._check_capturable()
-            _count_registrations()
-            self._stream = torch.cuda.Stream(self.device)
-            self._lrs = self._install_lr_tensors()
-            self._warned = False
-            self._reset_graph()
-            self._static: Optional[torch.Tensor] = None
-            self._key: Optional[tuple] = None
-            self._warm_left = warmup
+            self._init_graph()
 
     @property
     def captured(self) -> bool:
@@ -250,11 +242,25 @@ class TrainStep:
         return loss
 
     # ------------------------------------------------------------------------------------ CUDA graph
+    def _init_graph(self) -> None:
+        self._check_capturable()
+        _count_registrations()
+        self._stream = torch.cuda.Stream(self.device)
+        self._lrs = self._install_lr_tensors()
+        self._warned = False
+        self._reset_graph()
+        self._static: Optional[torch.Tensor] = None
+        self._key: Optional[tuple] = None
+        self._warm_left = self.warmup
+
     def _check_capturable(self) -> None:
         if _is_ddp(self.model):
             raise ValueError("TrainStep: a DistributedDataParallel model cannot be captured here (its gradient "
                              "all-reduce would have to be captured too); pass cuda_graph=False to run DDP steps "
                              "eagerly")
+        if isinstance(self.model, nn.DataParallel):
+            raise ValueError("TrainStep: a DataParallel model (one process, several GPUs) cannot be captured; pass "
+                             "cuda_graph=False, or use one GPU per process")
         if not all(g.get("capturable", False) for g in self.optimizer.param_groups):
             raise ValueError(f"TrainStep: the optimizer ({type(self.optimizer).__name__}) is not capturable, so "
                              "its step cannot be part of a CUDA graph. Build it with capturable=True, e.g. "
@@ -323,6 +329,7 @@ class TrainStep:
             "optimizer hyperparameters": tuple(tuple(_freeze(g.get(k)) for k in hyper) for g in opt.param_groups),
             "optimizer state (load_state_dict)": (id(opt.state), len(opt.state)),
             "attention backend": get_attn_backend(),
+            "TrainStep settings (mask_ratio, amp, grad_clip)": (self.mask_ratio, self.amp, self.grad_clip),
         }
 
     def _reset_graph(self) -> None:

@@ -10,6 +10,7 @@ GPU tests (marked ``gpu``): replays equal eager steps, new masks at every replay
 sync per step, schedulers and clipping inside the graph, re-captures.
 """
 import contextlib
+import importlib
 import warnings
 
 import pytest
@@ -330,8 +331,91 @@ def test_change_detection():
         ["parameter or buffer storage (.data) replaced"]
     assert changed_by(lambda: setattr(m.blocks[0].norm1, "weight", nn.Parameter(old.clone())),
                       lambda: setattr(m.blocks[0].norm1, "weight", w)) == ["modules, parameters or buffers assigned"]
+    assert changed_by(lambda: setattr(step, "mask_ratio", 0.5), lambda: setattr(step, "mask_ratio", 0.75)) == \
+        ["TrainStep settings (mask_ratio, amp, grad_clip)"]
     assert changed_by(lambda: o.load_state_dict(o.state_dict())) == \
         ["optimizer param groups", "optimizer state (load_state_dict)"]
+
+
+class _FakeCuda:
+    """CPU stand-ins for torch.cuda's streams and graphs: the capture runs the step once for real, a replay
+    only counts. Enough to run TrainStep's graph path (warm-up, capture, replays, re-captures) on a CPU;
+    what a real replay computes is checked by the gpu tests."""
+
+    class Stream:
+        def __init__(self, device=None):
+            self.waits = 0
+
+        def wait_stream(self, other):
+            self.waits += 1
+
+    class CUDAGraph:
+        replays = 0
+
+        def replay(self):
+            type(self).replays += 1
+
+    def __init__(self, monkeypatch):
+        self.side = None
+        main = self.Stream()
+        monkeypatch.setattr(torch.cuda, "Stream", self._stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "graph", self._graph)
+        monkeypatch.setattr(importlib.import_module("torch.optim.adam"), "_get_capturable_supported_devices",
+                            lambda *a, **k: ["cpu"])  # capturable AdamW on CPU tensors (CUDA-only otherwise)
+        self.captures = []
+        self.CUDAGraph.replays = 0
+
+    def _stream(self, device=None):
+        self.side = self.Stream(device)
+        return self.side
+
+    @contextlib.contextmanager
+    def _graph(self, graph, stream=None):
+        assert stream is self.side  # captured on the warm-up stream
+        self.captures.append(graph)
+        yield
+
+
+def test_graph_path_control_flow_on_fakes(monkeypatch):
+    fake = _FakeCuda(monkeypatch)
+    m = _model("fast")
+    o = torch.optim.AdamW(m.parameters(), capturable=True, **OPT)
+    step = TrainStep(m, o, amp=None, warmup=2)
+    step.graphed = True  # what a CUDA model gets
+    step._init_graph()
+    assert torch.is_tensor(o.param_groups[0]["lr"])
+    x = _batches(1)[0]
+    l1, l2 = step(x), step(x)  # the warm-up steps, on the side stream
+    assert not step.captured and fake.side.waits == 2 and fake.captures == []
+    l3 = step(x)  # captured (the step runs once here, for real) and replayed
+    assert step.captured and step.captures == 1 and len(fake.captures) == 1 and fake.CUDAGraph.replays == 1
+    grads = {p: p.grad for p in m.parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    o.zero_grad()  # between replays: the static gradients come back after the next replay
+    l4 = step(x)
+    assert fake.CUDAGraph.replays == 2 and torch.equal(l4, l3) and l4 is not l3  # a copy of the static loss
+    assert all(p.grad is g for p, g in grads.items())
+    m2 = _model("fast")  # the same three steps by hand (the capture ran the third)
+    o2 = torch.optim.AdamW(m2.parameters(), **OPT)
+    torch.testing.assert_close(torch.stack([l1, l2, l3]), _hand_loop(m2, o2, [x] * 3)[0], rtol=1e-5, atol=1e-6)
+    m.eval()  # a change: warned once, this call eager, the next one captures again
+    with pytest.warns(UserWarning, match=r"re-capturing the CUDA graph \(train/eval mode\)"):
+        step(x)
+    assert not step.captured and step.captures == 1
+    step(x)
+    assert step.captured and step.captures == 2 and fake.CUDAGraph.replays == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        step(x[:2])
+        assert not step.captured
+        step(x[:2])
+    assert step.captured and step.captures == 3
+    step.reset()
+    step(x[:2])
+    assert not step.captured and step.captures == 3
 
 
 # ---------------------------------------------------------------------------------------------- GPU

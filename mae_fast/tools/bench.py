@@ -570,13 +570,13 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
         "timing": "steps of all variants interleaved round by round after per-variant warm-up; median, p20, p80",
         "flops": "analytic matmul FLOPs per image (mae_fast.tools.flops), training = 3x forward",
         "mfu": "flops_per_image * images_per_s (per device) / peak_flops_per_s",
-        "peak_mem": "CUDA only (null on CPU): per variant, the allocator peak during its steps minus the other variants' resident memory; "
-                    "mae_fast+graph: the larger of that and its peak while the step was captured (a replay allocates nothing: "
-                    "the activations stay in the graph's private memory pool)",
+        "peak_mem": "CUDA only (null on CPU): per variant, the allocator peak during its steps minus the other "
+                    "variants' resident memory; mae_fast+graph: the larger of that and its peak while the step was captured (a "
+                    "replay allocates nothing: the activations stay in the graph's private memory pool)",
         "compile": "torch.compile(model) in the default mode; the optimizer step is not compiled",
-        "graph": "mae_fast+graph: mae_fast.TrainStep; on CUDA with AdamW(fused=True, capturable=True) and the whole step "
-                 "one CUDA graph replay, every timed step a replay (the other variants: AdamW's default step); on a CPU "
-                 "the same call eagerly, with the other variants' AdamW",
+        "graph": "mae_fast+graph: mae_fast.TrainStep; on CUDA with AdamW(fused=True, capturable=True) and the "
+                 "whole step one CUDA graph replay, every timed step a replay (the other variants: AdamW's default "
+                 "step); on a CPU the same call eagerly, with the other variants' AdamW",
         "mask_ratio_0": "loss over all patches (the reference's masked mean is 0/0 there)",
         "images_per_s": "total over all devices under DDP (per-device values in images_per_s_per_device)",
     }
