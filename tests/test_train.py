@@ -437,18 +437,39 @@ def _run(step, batches, seed=123):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,amp,tol", [("fast", None, 1e-5), ("patched", None, 1e-5), ("reference", None, 1e-5),
-                                          ("fast", "bf16", 1e-3)])
-def test_gpu_replays_equal_eager(kind, amp, tol):
-    with ops.path("auto"), mnn.attn_backend("auto"):
-        graphed, eager = _cuda_pair(kind, amp)
+@pytest.mark.parametrize("kind", ["fast", "patched", "reference"])
+def test_gpu_replays_equal_eager(kind, monkeypatch):
+    """fp32 with deterministic kernels (math attention, deterministic cuDNN for the reference's conv): the
+    replayed steps equal eager steps from the same seed, loss by loss, and the weights did train."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    with ops.path("auto"), sdpa_kernel([SDPBackend.MATH]):
+        graphed, eager = _cuda_pair(kind)
+        start = [p.detach().clone() for p in graphed.model.parameters()]
         batches = _batches(12, device="cuda")
         lg, le = _run(graphed, batches), _run(eager, batches)
     assert graphed.graphed and graphed.captured and graphed.captures == 1 and not eager.graphed
-    torch.testing.assert_close(lg, le, rtol=tol, atol=tol)
-    for a, b in zip(graphed.model.parameters(), eager.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=10 * tol, atol=10 * tol)
-    assert all(p.grad is not None for p in graphed.model.parameters())  # the static gradients, handed back
+    torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
+    for a, b, s in zip(graphed.model.parameters(), eager.model.parameters(), start):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert max(float((a - s).abs().max()) for a, s in zip(graphed.model.parameters(), start)) > 1e-3
+    assert all(p.grad is not None for p in graphed.model.parameters() if p.requires_grad)  # the static grads
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_autotuned_replays_close_to_eager():
+    """bf16 autocast, the Triton kernels and attn_backend="auto" (measured in the warm-up, before the
+    capture): replays stay close to eager steps (the backends chosen may use atomics: not bitwise)."""
+    with ops.path("auto"), mnn.attn_backend("auto"):
+        mnn.clear_attn_autotune()
+        graphed, eager = _cuda_pair("fast", "bf16")
+        batches = _batches(12, device="cuda")
+        lg = _run(graphed, batches)
+        assert mnn.attn_autotune_results()  # measured in the warm-up steps: the capture never measures
+        le = _run(eager, batches)
+    assert graphed.captures == 1
+    torch.testing.assert_close(lg, le, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -533,12 +554,3 @@ def test_gpu_recaptures():
         torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
         assert graphed.captures == 4
         assert graphed.model.decoder_pred.weight.grad is None
-
-
-@pytest.mark.gpu
-def test_gpu_autotune_happens_before_capture():
-    with ops.path("auto"), mnn.attn_backend("auto"):
-        mnn.clear_attn_autotune()
-        graphed, _ = _cuda_pair(amp="bf16")
-        _run(graphed, _batches(4, device="cuda"))
-    assert graphed.captured and mnn.attn_autotune_results()  # measured in the warm-up steps
