@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..nn import Block, PatchEmbed
-from ..nn.fused import run_blocks
+from ..nn.fused import kernels_apply, run_blocks
 from ..nn.pos_embed import sincos_pos_embed
 from ..ops._checks import check_indices_enabled
 from ..ops._registry import autocast_dtype, dispatching
@@ -191,15 +191,19 @@ def _promote(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def _norm(norm: nn.Module, x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """A LayerNorm through the fused op (fp32 statistics, output cast once), any other norm as it is."""
-    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+    """A LayerNorm through the fused op (fp32 statistics, output cast once) where the ops run kernels, any
+    other norm (or on a plain CPU) as it is."""
+    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and kernels_apply(x):
         return ops.add_layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)[0]
     return norm(x)
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An nn.Linear through ops.linear (fp32 weight gradient, no per-step casts of it), anything else as is."""
-    return ops.linear(x, module.weight, module.bias) if type(module) is nn.Linear else module(x)
+    """An nn.Linear through ops.linear (fp32 weight gradient, no per-step casts of it) where the ops run
+    kernels, anything else (or on a plain CPU) as it is."""
+    if type(module) is nn.Linear and kernels_apply(x):
+        return ops.linear(x, module.weight, module.bias)
+    return module(x)
 
 
 class MaskedAutoencoderViT(FastMAEMethods, nn.Module):

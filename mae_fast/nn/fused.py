@@ -11,8 +11,9 @@
 Under autocast the residual stream (x, s, out) stays in its own dtype (fp32 for an fp32 model) and only
 the GEMMs and their inputs are in the autocast dtype, as in the reference; LayerNorm statistics are fp32.
 It applies to the standard block: LayerNorm norms, no qk_norm or LayerScale, GELU in the MLP, and no
-drop path or dropout while training except inside attention (:func:`unfused_reason` names what else keeps a
-block on its module-by-module forward). ``set_fused_blocks(False)`` turns it off everywhere.
+drop path or dropout while training except inside attention, on tensors the ops run kernels for (CUDA, or
+Triton's interpreter; :func:`unfused_reason` names what else keeps a block on its module-by-module forward).
+``set_fused_blocks(False)`` turns it off everywhere.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..ops._registry import autocast_dtype
+from ..ops._registry import autocast_dtype, get_path, use_triton
 
 _enabled = True
 
@@ -45,12 +46,21 @@ def _inactive_dropout(m, training: bool) -> bool:
     return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0.0 or not training))
 
 
+def kernels_apply(x: torch.Tensor) -> bool:
+    """Whether the fused ops run kernels on x: CUDA, or Triton's interpreter on a CPU, or a path chosen
+    explicitly with ``mae_fast.ops.path``. On a plain CPU the stock modules are faster than the ops' plain
+    torch path (which is there to be the reference), so blocks, norms and linears run as they are."""
+    return get_path() != "auto" or use_triton(x)
+
+
 def unfused_reason(block, x: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why ``block`` runs module by module (None when it runs fused), for input ``x`` if given."""
     if not _enabled:
         return "fused blocks are turned off (mae_fast.nn.set_fused_blocks(False))"
     if x is not None and (x.dim() != 3 or not x.is_floating_point()):
         return f"input is not a float [B, N, C] tensor (got {x.dim()} dims, {x.dtype})"
+    if x is not None and not kernels_apply(x):
+        return f"no kernels for {x.device.type} tensors: the stock modules are faster than the ops' torch path"
     if torch.compiler.is_compiling():
         return "torch.compile traces the module-by-module forward and fuses it itself"
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)

@@ -50,12 +50,6 @@ def _pack(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool) -> tuple[Tensor, 
     return out, part.sum(0) if need_bias else torch.empty((0,), dtype=torch.float32, device=dq.device)
 
 
-_SECOND_BACKWARD = (
-    "self_attention: backward ran a second time through the same graph (retain_graph=True); the attention's "
-    "saved tensors were freed by the first one. Run the forward again before each backward."
-)
-
-
 class _SelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_heads, scale, dropout_p, backend, dtype):
@@ -71,25 +65,21 @@ class _SelfAttention(torch.autograd.Function):
                 leaf = qkv.detach().requires_grad_(True)
                 q, k, v = leaf.view(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd]
                 o = attention(q, k, v, backend=backend, dropout_p=dropout_p, scale=scale)  # [B, H, N, hd]
-        ctx.save_for_backward(x2, w)
-        ctx.graph = (q, k, v, o)
+        ctx.save_for_backward(x2, w, q, k, v, o)  # q, k, v, o carry the attention's own graph
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return o.detach().transpose(1, 2).reshape(B, N, C)  # [B, N, C]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x2, w = ctx.saved_tensors
-        if ctx.graph is None:
-            raise RuntimeError(_SECOND_BACKWARD)
-        q, k, v, o = ctx.graph
-        ctx.graph = None  # the attention's own graph is freed by this backward
+        x2, w, q, k, v, o = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         B, H, N, hd = q.shape
         with autocast_off(dout):
             do = dout.to(o.dtype).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
-            dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+            # kept for another backward as long as this node keeps o (retain_graph), freed with it otherwise
+            dq, dk, dv = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
             dqkv, dbias = _pack(dq, dk, dv, bool(need_b and b_dtype is not None))  # [B*N, 3C], [3C]
             dx = torch.mm(dqkv, w).to(x_dtype).view(x_shape) if need_x else None
             dw = mm_out(dqkv.t(), x2, w_dtype) if need_w else None

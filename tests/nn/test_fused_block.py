@@ -1,6 +1,8 @@
 """mae_fast.nn.Block's fused forward: the same block as the module-by-module forward (fp32) and within twice its
 error against float64 under bf16 autocast, for every parameter; which blocks it applies to; the chain of
 run_blocks (each block's last add fused into the next norm) equals the blocks one by one."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +11,16 @@ import mae_fast.nn as mnn
 from mae_fast import ops
 from mae_fast.configs import LAYER_NORM
 from mae_fast.nn.fused import run_blocks
+from mae_fast.ops._registry import triton_interpret
 from mae_fast.testing import randn, rel_err
+
+TRITON_RUNS = torch.cuda.is_available() or triton_interpret()
+
+
+def fused_path():
+    """Where the fused ops run kernels (TRITON_INTERPRET=1, CUDA): as they are; on a plain CPU, where blocks
+    run their stock modules, on the ops' torch path chosen explicitly."""
+    return nullcontext() if TRITON_RUNS else ops.path("torch")
 
 
 def _block(dim=72, heads=3, seed=0, **kw):
@@ -25,10 +36,12 @@ def _step(blk, x, g, fused, autocast=False):
     blk.zero_grad()
     mnn.set_fused_blocks(fused)
     try:
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = blk(xx)
-        out.backward(g.to(out.dtype))
+        with fused_path() if fused else nullcontext():
+            assert (mnn.unfused_reason(blk, x) is None) == fused  # the forward under test is the one that runs
+            xx = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = blk(xx)
+            out.backward(g.to(out.dtype))
     finally:
         mnn.set_fused_blocks(True)
     return {"out": out.detach(), "x": xx.grad, **{n: p.grad.clone() for n, p in blk.named_parameters()}}
@@ -48,7 +61,7 @@ def test_autocast_within_twice_the_module_path_error(approximate):
     blk = _block(act_layer=lambda: nn.GELU(approximate=approximate))
     x, g = randn(3, 50, 72, seed=3), randn(3, 50, 72, seed=4)
     exact = _step(_block(act_layer=lambda: nn.GELU(approximate=approximate)).double(), x.double(), g.double(), False)
-    with ops.path("torch"):  # the path CPU tensors take (the Triton kernels: tests/ops, 1-ulp rounding aside)
+    with ops.path("torch"):  # the torch path of the ops (the Triton kernels: tests/ops, 1-ulp rounding aside)
         fused = _step(blk, x, g, True, autocast=True)
     plain = _step(blk, x, g, False, autocast=True)
     assert fused["out"].dtype == torch.float32  # the residual stream stays fp32, as in the reference
@@ -94,6 +107,8 @@ def test_unfused_blocks_say_why(kwargs, reason):
 def test_dropout_keeps_training_blocks_unfused_only_while_active():
     blk = mnn.Block(32, 2, qkv_bias=True, proj_drop=0.1)
     assert "dropout proj_drop is active" in mnn.unfused_reason(blk)
+    if not TRITON_RUNS:
+        assert "no kernels for cpu tensors" in mnn.unfused_reason(blk.eval(), randn(2, 5, 32))
     assert mnn.unfused_reason(blk.eval()) is None
     assert mnn.unfused_reason(mnn.Block(32, 2, attn_drop=0.1)) is None  # attention dropout runs fused
     assert mnn.unfused_reason(mnn.Block(32, 2, drop_path=0.1).eval()) is None  # drop path: only while training
@@ -115,7 +130,8 @@ def test_run_blocks_chain_equals_blocks_one_by_one():
         blocks.zero_grad(), norm.zero_grad()
         xx = x.clone().requires_grad_(True)
         if chained:
-            out = run_blocks(blocks, xx, norm)
+            with fused_path():
+                out = run_blocks(blocks, xx, norm)
         else:
             out = xx
             for blk in blocks:
