@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .. import ops
 from ..ops._registry import autocast_dtype, get_path, use_triton
@@ -47,10 +48,12 @@ def _inactive_dropout(m, training: bool) -> bool:
 
 
 def kernels_apply(x: torch.Tensor) -> bool:
-    """Whether the fused ops run kernels on x: CUDA, or Triton's interpreter on a CPU, or a path chosen
-    explicitly with ``mae_fast.ops.path``. On a plain CPU the stock modules are faster than the ops' plain
-    torch path (which is there to be the reference), so blocks, norms and linears run as they are."""
-    return get_path() != "auto" or use_triton(x)
+    """Whether blocks, norms and linears go through the fused ops for x: on CUDA, under Triton's
+    interpreter, on a path chosen explicitly with ``mae_fast.ops.path``, and under a TorchDispatchMode
+    (fake tensors, FlopCounterMode, op tracers), which then sees the ops a CUDA run executes. On a plain
+    CPU the stock modules are faster than the ops' plain torch path (which is there to be the reference),
+    so they run as they are."""
+    return get_path() != "auto" or use_triton(x) or is_in_torch_dispatch_mode()
 
 
 def unfused_reason(block, x: Optional[torch.Tensor] = None) -> Optional[str]:

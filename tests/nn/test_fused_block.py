@@ -120,6 +120,18 @@ def test_dropout_keeps_training_blocks_unfused_only_while_active():
         mnn.set_fused_blocks(True)
 
 
+def test_op_tracers_see_the_fused_ops_on_any_device(record_ops):
+    """Under a TorchDispatchMode (fake tensors, FLOP counters, op tracers) a block runs the ops a CUDA run
+    executes, on a plain CPU too, with the module path's result."""
+    blk, x = _block(), randn(2, 7, 72)
+    ref = blk(x)
+    with record_ops() as rec:
+        out = blk(x)
+    assert {"add_layer_norm", "bias_gelu", "residual_add"} <= set(rec.calls)
+    assert not {"native_layer_norm", "gelu"} & set(rec.calls)  # the stock modules' ops
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_run_blocks_chain_equals_blocks_one_by_one():
     blocks = nn.ModuleList([_block(seed=i) for i in range(3)])
     blocks.insert(2, mnn.Block(72, 3, qkv_bias=True, norm_layer=LAYER_NORM, init_values=0.1))  # runs unfused
