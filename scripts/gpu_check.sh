@@ -7,6 +7,8 @@
 #   BENCHES="bench/bench_gather_tokens.py" TEST_TIMEOUT=300 bash scripts/gpu_check.sh build tests bench
 #   bash scripts/gpu_check.sh build graph-bench     (not in the default: TrainStep's GPU tests, then
 #        reference / mae_fast / mae_fast+graph for ViT-B/16 and ViT-L/16, batch 256, bf16; at most 450 s)
+#   TESTS="tests/ops tests/nn tests/models" TEST_TIMEOUT=150 bash scripts/gpu_check.sh build tests graph-bench
+#        the fused ops, blocks and models on CUDA, then the step benchmarks (at most 150 + 450 s after the build)
 #
 # Uses the machine's python3 (torch with CUDA) as is: no venv, no installs beyond this package.
 set -uo pipefail

@@ -11,8 +11,8 @@
 Under autocast the residual stream (x, s, out) stays in its own dtype (fp32 for an fp32 model) and only
 the GEMMs and their inputs are in the autocast dtype, as in the reference; LayerNorm statistics are fp32.
 It applies to the standard block: LayerNorm norms, no qk_norm or LayerScale, GELU in the MLP, and no
-drop path or dropout while training except inside attention, on tensors the ops run kernels for (CUDA, or
-Triton's interpreter; :func:`unfused_reason` names what else keeps a block on its module-by-module forward).
+drop path or dropout while training except inside attention, where the ops run kernels (see
+:func:`kernels_apply`; :func:`unfused_reason` names what keeps a block on its module-by-module forward).
 ``set_fused_blocks(False)`` turns it off everywhere.
 """
 from __future__ import annotations
