@@ -9,6 +9,8 @@ Programs: (row group, column block); each walks its rows BLOCK_R at a time. Row 
 import triton
 import triton.language as tl
 
+from ._tiles import row_tile
+
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -46,8 +48,8 @@ def bias_gelu_fwd_kernel(
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     first = tl.program_id(0).to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows = first + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m = ((rows < R) & (r0 + tl.arange(0, BLOCK_R) < ROWS))[:, None] & col_ok[None, :]
+        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
+        m = row_ok[:, None] & col_ok[None, :]
         z = tl.load(h_ptr + rows[:, None] * sh + cols[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             z += b[None, :]
@@ -68,8 +70,8 @@ def bias_gelu_bwd_kernel(
     acc = tl.zeros([BLOCK_F], dtype=tl.float32)
     first = pid.to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows = first + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m = ((rows < R) & (r0 + tl.arange(0, BLOCK_R) < ROWS))[:, None] & col_ok[None, :]
+        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
+        m = row_ok[:, None] & col_ok[None, :]
         z = tl.load(h_ptr + rows[:, None] * sh + cols[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             z += b[None, :]

@@ -8,6 +8,8 @@ Programs: (row group, column block); each walks its rows BLOCK_R at a time. Row 
 import triton
 import triton.language as tl
 
+from ._tiles import row_tile
+
 
 @triton.jit
 def residual_add_fwd_kernel(
@@ -20,8 +22,8 @@ def residual_add_fwd_kernel(
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     first = tl.program_id(0).to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows = first + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m = ((rows < R) & (r0 + tl.arange(0, BLOCK_R) < ROWS))[:, None] & col_ok[None, :]
+        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
+        m = row_ok[:, None] & col_ok[None, :]
         v = tl.load(s_ptr + rows[:, None] * ss + cols[None, :], mask=m, other=0.0).to(tl.float32)
         v += tl.load(br_ptr + rows[:, None] * sbr + cols[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -40,8 +42,8 @@ def residual_add_bwd_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     first = pid.to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows = first + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m = ((rows < R) & (r0 + tl.arange(0, BLOCK_R) < ROWS))[:, None] & col_ok[None, :]
+        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
+        m = row_ok[:, None] & col_ok[None, :]
         g = tl.load(dout_ptr + rows[:, None] * sd + cols[None, :], mask=m, other=0.0).to(tl.float32)
         if STORE_DBR:
             tl.store(dbr_ptr + rows[:, None] * D + cols[None, :], g.to(dbr_ptr.dtype.element_ty), mask=m)

@@ -8,6 +8,8 @@ One program per (row group, head, part): it walks its rows BLOCK_R at a time and
 import triton
 import triton.language as tl
 
+from ._tiles import row_tile
+
 
 @triton.jit
 def pack_qkv_grad_kernel(
@@ -32,8 +34,8 @@ def pack_qkv_grad_kernel(
     acc = tl.zeros([BLOCK_HD], dtype=tl.float32)
     first = g.to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows = first + r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # [BLOCK_R] = b * N + n
-        m = ((rows < R) & (r0 + tl.arange(0, BLOCK_R) < ROWS))[:, None] & j_ok[None, :]
+        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)  # [BLOCK_R] = b * N + n
+        m = row_ok[:, None] & j_ok[None, :]
         b = rows // N
         n = rows % N
         v = tl.load(src + (b * sb + h * sh + n * sn)[:, None] + j[None, :] * sd, mask=m, other=0.0)

@@ -74,6 +74,12 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [R, D] with a unit last stride (a view when possible): the layout of the row kernels."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def dispatching() -> bool:
     """True when an op must go through the dispatcher: torch.compile traces, or a TorchDispatchMode is on."""
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()

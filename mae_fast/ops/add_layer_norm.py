@@ -17,7 +17,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import add_layer_norm as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton, wide
+from ._registry import autocast_off, kernel, launch, rows, unused_pointer, use_triton, wide
 
 __all__ = ["add_layer_norm", "add_layer_norm_torch", "add_layer_norm_backward_torch"]
 
@@ -105,18 +105,13 @@ def _backward(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rst
     return dz, dbr, part.sum(0)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """[..., D] -> [R, D] with a unit last stride (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
 class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, branch, branch_bias, out_dtype):
         with autocast_off(x):
-            x2 = _rows(x)
-            br2 = _rows(branch) if branch is not None else None
+            x2 = rows(x)
+            br2 = rows(branch) if branch is not None else None
             y, s, mean, rstd = _forward(x2, weight, bias, float(eps), br2, branch_bias, out_dtype)
         s2 = s if branch is not None else x2
         ctx.save_for_backward(s2, weight, mean, rstd)
@@ -136,7 +131,7 @@ class _AddLayerNorm(torch.autograd.Function):
             dy = torch.zeros(shape, dtype=x_dtype, device=s2.device)
         with autocast_off(s2):
             dbr_dtype = br_dtype if (need_br and br_dtype is not None and br_dtype != x_dtype) else None
-            dz, dbr, sums = _backward(_rows(dy), s2, weight, mean, rstd, _rows(ds) if ds is not None else None,
+            dz, dbr, sums = _backward(rows(dy), s2, weight, mean, rstd, rows(ds) if ds is not None else None,
                                       x_dtype, dbr_dtype)
         dz = dz.view(shape)
         dbranch = None

@@ -15,7 +15,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import bias_gelu as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton, wide
+from ._registry import autocast_off, kernel, launch, rows, unused_pointer, use_triton, wide
 
 __all__ = ["bias_gelu", "bias_gelu_torch", "bias_gelu_backward_torch"]
 APPROXIMATIONS = ("none", "tanh")
@@ -69,15 +69,11 @@ def _backward(da: Tensor, h: Tensor, bias: Optional[Tensor], approximate: str) -
     return dh, part.sum(0)
 
 
-def _rows(t: Tensor) -> Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
 class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, bias, approximate):
-        h2 = _rows(h)
+        h2 = rows(h)
         ctx.save_for_backward(h2, bias)
         ctx.shape, ctx.approximate = h.shape, approximate
         with autocast_off(h):
@@ -88,7 +84,7 @@ class _BiasGelu(torch.autograd.Function):
     def backward(ctx, da):
         h2, bias = ctx.saved_tensors
         with autocast_off(h2):
-            dh, dbias = _backward(_rows(da), h2, bias, ctx.approximate)
+            dh, dbias = _backward(rows(da), h2, bias, ctx.approximate)
         need_h, need_bias, _ = ctx.needs_input_grad
         return (dh.view(ctx.shape) if need_h else None,
                 dbias.to(bias.dtype) if need_bias and bias is not None else None, None)

@@ -15,7 +15,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import residual_add as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, unused_pointer, use_triton, wide
+from ._registry import autocast_off, kernel, launch, rows, unused_pointer, use_triton, wide
 
 __all__ = ["residual_add", "residual_add_torch", "residual_add_backward_torch"]
 
@@ -65,17 +65,13 @@ def _backward(dout: Tensor, dbr_dtype: Optional[torch.dtype]) -> tuple[Tensor, T
     return dbr, part.sum(0)
 
 
-def _rows(t: Tensor) -> Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
 class _ResidualAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, branch, bias):
         ctx.meta = (s.shape, s.dtype, branch.dtype, None if bias is None else bias.dtype)
         with autocast_off(s):
-            return _forward(_rows(s), _rows(branch), bias).view(s.shape)
+            return _forward(rows(s), rows(branch), bias).view(s.shape)
 
     @staticmethod
     @once_differentiable
@@ -86,7 +82,7 @@ class _ResidualAdd(torch.autograd.Function):
             return dout, None, None
         dbr_dtype = br_dtype if need_br and br_dtype != dout.dtype else None
         with autocast_off(dout):
-            dbr, dbias = _backward(_rows(dout), dbr_dtype)
+            dbr, dbias = _backward(rows(dout), dbr_dtype)
         dbranch = (dbr.view(shape) if dbr_dtype is not None else dout) if need_br else None
         return dout if need_s else None, dbranch, dbias.to(bias_dtype) if need_bias else None
 
