@@ -375,8 +375,8 @@ def init_mae_weights(model: nn.Module) -> None:
 
 class PatchLayoutMethods:
     """The official helpers that follow from ``patch_embed`` (patch_size, in_chans, patchify, unpatchify)
-    plus the video ones (t_patch_size, mask_frames). Shared by the reference and the fast model (and
-    models patched in place), which only need a ``patch_embed`` of this module's layout."""
+    plus the video ones (t_patch_size, mask_frames). The fast model has its own copy
+    (``mae_fast.models.mae``), so that the reference stays the plain code it is compared against."""
 
     @property
     def patch_size(self) -> int:
