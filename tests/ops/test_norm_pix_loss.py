@@ -835,6 +835,12 @@ def test_bad_inputs():
         norm_pix_loss(pm, imgs, None, p, ids_masked=ids[:1])
     with pytest.raises(ValueError, match="at least 2 values"):
         norm_pix_loss(torch.zeros(1, 4, 1), torch.zeros(1, 1, 2, 2), torch.ones(1, 4), 1)
+    for bad_eps in (None, "1e-6", True):
+        with pytest.raises(TypeError, match="eps must be a real number"):
+            norm_pix_loss(pred, imgs, mask, p, eps=bad_eps)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        norm_pix_loss(pred, imgs, mask, p, eps=float("nan"))
+    assert norm_pix_loss(pred, imgs, mask, p, eps=torch.tensor(1e-6)) == norm_pix_loss(pred, imgs, mask, p)
 
 
 # ------------------------------------------------------------------------------ GPU
