@@ -14,7 +14,8 @@ model, so checkpoints and optimizer state line up. One training step:
 
 ``forward`` returns (loss, pred, mask) with pred for every patch, as the official model; ``forward_train``
 returns the loss only and runs decoder_norm/decoder_pred on the removed tokens only (the same loss). At
-mask ratio 0 the loss is the mean over all patches (the official one divides by zero). Video
+mask ratio 0 the loss is the mean over all patches (the official one divides by zero). As the official model,
+a ratio that keeps no patch encodes the cls token alone, and an empty batch gives a NaN loss. Video
 (``num_frames=T, t_patch_size=u``, ``tube_masking``): clips [N, C, T, H, W], space-time tubelet tokens.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn as nn
 from .. import ops
 from ..nn import Block, PatchEmbed
 from ..nn.pos_embed import sincos_pos_embed
-from ..ops._checks import check_indices_enabled
+from ..ops._checks import check_indices_enabled, check_ratio
 
 
 class FastMAEMethods:
@@ -80,8 +81,7 @@ class FastMAEMethods:
 
     # -- the pieces
     def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
-        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+        mask_ratio = check_ratio("mask_ratio", mask_ratio)  # a float, numpy scalar or 0-d tensor in [0, 1)
         self.patch_embed.check_input(imgs)
         # non-finite pixels would only show up as a NaN loss steps later; say so now where it is free
         # of a device sync (CPU), or when asked (MAE_FAST_CHECK_INDICES=1 on CUDA)
@@ -89,12 +89,12 @@ class FastMAEMethods:
             # a NaN/inf anywhere makes the sum non-finite (cheap); only then look element by element
             if not bool(torch.isfinite(imgs.sum(dtype=torch.float32))) and not bool(torch.isfinite(imgs).all()):
                 raise ValueError("imgs contains NaN or inf values")
-        return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, float(mask_ratio),
+        return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, mask_ratio,
                                   device=imgs.device, noise=noise, frames=self.mask_frames)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
         """The official signature: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
-        m = ops.random_masking(x.shape[0], x.shape[1], float(mask_ratio), device=x.device, noise=noise,
+        m = ops.random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device, noise=noise,
                                frames=self.mask_frames)
         return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
 
@@ -131,6 +131,8 @@ class FastMAEMethods:
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The official loss, fused: read straight from imgs, gradient computed in the same pass."""
+        if pred.shape[0] == 0:  # an empty batch: NaN (0 / 0) as the official loss, zero parameter gradients
+            return pred.sum(dtype=torch.float32) * float("nan")
         return ops.norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=bool(self.norm_pix_loss),
                                  t_patch_size=self.t_patch_size)
 
@@ -146,7 +148,7 @@ class FastMAEMethods:
         """The loss only, with decoder_norm and decoder_pred applied to removed tokens only (same loss)."""
         m = self._masking(imgs, mask_ratio, noise)
         K, L = m.ids_keep.shape[1], m.ids_restore.shape[1]
-        if K == L:  # nothing removed: the loss is over every patch, as in forward
+        if K == L or imgs.shape[0] == 0:  # nothing removed (a loss over every patch) or no sample: as forward
             return self.forward(imgs, mask_ratio, noise)[0]
         x = self._decode_tokens(self._encode(imgs, m.ids_keep), m.ids_restore)  # [N, 1+L, Dd]
         # the removed tokens in ascending-noise order: inverse of ids_restore, ranks K..L-1

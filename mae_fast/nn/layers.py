@@ -43,6 +43,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tokens(x, self.qkv.in_features)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
         q, k, v = qkv.unbind(0)
@@ -120,6 +121,7 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tokens(x, self.attn.qkv.in_features)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -172,6 +174,14 @@ class PatchEmbed(reference.PatchEmbed):
         if patches.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
             raise TypeError(f"imgs dtype {imgs.dtype} differs from the patch embedding weight dtype {weight.dtype}")
         return self.norm(F.linear(patches, weight, self.proj.bias))  # [N, K, D]
+
+
+def _check_tokens(x: torch.Tensor, dim: int) -> None:
+    """Attention and Block take tokens [B, N, dim]; anything else is a ValueError saying so."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of tokens [B, N, {dim}], got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"x must be tokens [B, N, {dim}] (batch, tokens, dim), got shape {list(x.shape)}")
 
 
 def _reject_unknown(cls: str, kwargs: dict) -> None:
