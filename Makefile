@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup test bench cuda-check clean
+.PHONY: setup test bench cuda-check triton-check clean
 
 setup: $(SETUP_STAMP)
 
@@ -66,6 +66,11 @@ bench: setup
 # (no linking), so the CUDA code cannot rot on machines without a GPU.
 cuda-check:
 	@$(PY) scripts/cuda_check.py
+
+# Compile every Triton kernel variant the ops launch for sm_90 (Triton's compiler and ptxas, no GPU):
+# the interpreter CI runs does not compile them.
+triton-check:
+	@$(PY) scripts/triton_check.py
 
 clean:
 	rm -rf build dist *.egg-info mae_fast/*.so
