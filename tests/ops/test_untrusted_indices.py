@@ -166,7 +166,7 @@ def loss_oracle(pred, imgs, ids, p, norm_pix=True, eps=1e-6):
 def test_norm_pix_loss_any_ids_masked(path, data, N, dtype, norm_pix, imgs_grad):
     p, L = 4, 6  # imgs [N, 2, 8, 12]: 2 x 3 patches of D = 32
     M = data.draw(st.integers(1, L))
-    ids = draw_ids(data, N, M, L, dtype)
+    ids = draw_ids(data, N, M, L, dtype, valid_only=data.draw(st.booleans()))  # valid: often repeated
     pred, imgs = randn(N, M, 32), torch.rand(N, 2, 8, 12, generator=torch.Generator().manual_seed(5)) + 0.5
     valid, _ = valid_clamped(ids, L)
     x = pred.clone().requires_grad_(True)
@@ -243,3 +243,86 @@ def test_env_switch_turns_cpu_checks_off(monkeypatch):
     monkeypatch.setenv("MAE_FAST_CHECK_INDICES", "0")
     out = ops.gather_tokens(randn(2, 6, 4), torch.tensor([[0, 9, 5], [1, 2, 4]]))
     assert torch.isnan(out[0, 1]).all()
+
+
+def test_long_rows_through_the_ops(path):
+    """Rows of a few hundred ids (several BLOCK_C tiles of the chain builder), values repeated up to five
+    times and some out of range, beside a sample without repeats: gather_tokens and unshuffle_tokens match."""
+    g = torch.Generator().manual_seed(7)
+    N, L, K, D = 2, 200, 130, 2
+    ids = torch.randint(-3, L // 5, (N, K), generator=g)
+    ids[1] = torch.randperm(L, generator=g)[:K]
+    assert_matches(lambda x: ops.gather_tokens(x, ids, check_indices=False), lambda x: gather_oracle(x, ids),
+                   [randn(N, L, D)], randn(N, K, D, seed=1))
+    restore = torch.randint(0, L, (N, L), generator=g)
+    restore[1] = torch.randperm(L, generator=g)
+    assert_matches(lambda x: ops.unshuffle_tokens(x, restore, torch.zeros(D), num_prefix=0, check_indices=False),
+                   lambda x: unshuffle_oracle(x, restore, torch.zeros(D, dtype=torch.float64), None, 0),
+                   [randn(N, K, D, seed=2)], randn(N, L, D, seed=3))
+
+
+def test_inverse_map_of_long_rows(triton_path):
+    """kernels/index_map.py on K > 1024 ids (several BLOCK_K chunks and BLOCK_C tiles) against its definition:
+    code = the first k naming l (negative, -(k+1), when more follow; 2**31 - 1 for none), nxt = the next k."""
+    from mae_fast.ops._indices import index_map
+    g = torch.Generator().manual_seed(8)
+    N, L, K = 3, 1500, 1200
+    ids = torch.randint(-5, L // 4, (N, K), generator=g)
+    ids[1] = torch.randperm(L, generator=g)[:K]  # no repeats: nxt is never written nor read
+    ids[2, ::7] = 2**40
+    code, nxt = index_map(ids, L)
+    for n in range(N):
+        where = {}
+        for k, v in enumerate(ids[n].tolist()):
+            if 0 <= v < L:
+                where.setdefault(v, []).append(k)
+        want = torch.full((L,), 2**31 - 1, dtype=torch.int32)
+        for v, ks in where.items():
+            want[v] = ks[0] if len(ks) == 1 else -(ks[0] + 1)
+            if len(ks) > 1:
+                assert nxt[n, ks].tolist() == ks[1:] + [-1]
+        assert torch.equal(code[n], want), n
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gather_tokens", "gather_patches", "unshuffle_tokens", "norm_pix_loss"])
+def test_gpu_any_ids(op):
+    """On CUDA (where a bad read is a crash or a device-side assert): NaN rows, no error, torch.gather's
+    gradients, at sizes with several programs per sample and chains across blocks; and the engine's ids
+    give the same result as the torch path, bitwise."""
+    g = torch.Generator().manual_seed(11)
+    N, L, D = 16, 196, 768
+    bad = torch.randint(-4, L + 4, (N, 147), generator=g)
+    bad[0, 0], bad[1, 1] = 2**40, -2**40
+    good, restore = random_ids(N, L, 147, seed=12)
+    cuda = lambda *ts: [t.cuda() for t in ts]  # noqa: E731
+    if op == "gather_tokens":
+        x, pos = randn(N, L, D), randn(1, L, D, seed=1)
+        for ids in (bad, good):
+            (i,) = cuda(ids)
+            fn = lambda x, pos: ops.gather_tokens(x, i, pos, check_indices=False)  # noqa: E731
+            assert_matches(fn, lambda x, pos: gather_oracle(x, i, pos), cuda(x, pos), randn(N, 147, D, seed=2).cuda())
+    elif op == "gather_patches":
+        imgs = randn(N, 3, 224, 224)
+        for ids in (bad, good):
+            (i,) = cuda(ids)
+            assert_matches(lambda im: ops.gather_patches(im, i, 16, check_indices=False),
+                           lambda im: patches_oracle(im, i, 16), cuda(imgs), randn(N, 147, D, seed=3).cuda())
+    elif op == "unshuffle_tokens":
+        broken = restore.clone()
+        broken[:4, :50] = broken[:4, 50:100]  # repeats and gaps
+        broken[4, 7] = 2**40
+        for ids in (broken, restore):
+            (i,) = cuda(ids)
+            x, mt, pos = cuda(randn(N, 1 + 49, 512), randn(1, 1, 512, seed=4), randn(1, 1 + L, 512, seed=5))
+            fn = lambda x, mt, pos: ops.unshuffle_tokens(x, i, mt, pos, check_indices=False)  # noqa: E731
+            assert_matches(fn, lambda x, mt, pos: unshuffle_oracle(x, i, mt, pos), [x, mt, pos],
+                           randn(N, 1 + L, 512, seed=6).cuda())
+    else:
+        imgs = torch.rand(N, 3, 224, 224, generator=g).cuda()
+        x = randn(N, 147, D, seed=7).cuda().requires_grad_(True)
+        loss = ops.norm_pix_loss(x, imgs, None, 16, ids_masked=bad.cuda(), check=False)
+        loss.backward()
+        valid = ((bad >= 0) & (bad < L)).cuda()
+        assert torch.isnan(loss) and torch.isnan(x.grad[~valid]).all() and torch.isfinite(x.grad[valid]).all()
