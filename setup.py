@@ -23,7 +23,9 @@ except ImportError as e:  # pragma: no cover - build environment error
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cu = sorted(glob.glob("csrc/*.cu"))
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the C++ standard of the installed torch (C++20 for
+    # 2.13 and 2.14; torch 2.14's headers refuse older standards), so each torch builds with its own.
+    cxx = ["-O3"]
     with_cuda = (
         bool(cu)
         and torch.version.cuda is not None
@@ -36,7 +38,7 @@ def _extension():
             "mae_fast._C",
             cpp + cu,
             define_macros=[("MAE_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         )
     return CppExtension("mae_fast._C", cpp, extra_compile_args={"cxx": cxx})
 

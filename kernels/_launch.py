@@ -23,6 +23,51 @@ class ColumnSplit(NamedTuple):
     num_warps: int
 
 
+class RowNorm(NamedTuple):
+    """A kernel that reduces whole rows: each program takes ``rows`` rows of one BLOCK_D-wide block."""
+
+    block_d: int
+    rows: int
+    num_warps: int
+    grid: int
+
+
+def row_norm(R: int, D: int, rows: int = 4) -> RowNorm:
+    """Forward of a per-row reduction: a few rows per program."""
+    block_d = triton.next_power_of_2(max(D, 1))
+    return RowNorm(block_d, rows, 4 if block_d <= 1024 else 8, max(1, triton.cdiv(R, rows)))
+
+
+def row_norm_partials(R: int, D: int, max_programs: int = 1024) -> RowNorm:
+    """Backward of a per-row reduction that also sums columns over rows: up to ``max_programs`` programs,
+    each over a contiguous range of rows, each writing one fp32 partial row per summed vector."""
+    block_d = triton.next_power_of_2(max(D, 1))
+    rows = max(1, triton.cdiv(R, max_programs))
+    return RowNorm(block_d, rows, 4 if block_d <= 1024 else 8, max(1, triton.cdiv(R, rows)))
+
+
+class RowTiles(NamedTuple):
+    """An elementwise kernel over [R, F] that may also sum columns over rows: programs (row group, column
+    block), each walking ``rows`` rows (a multiple of block_r) block_r at a time."""
+
+    block_r: int
+    block_f: int
+    rows: int
+    num_warps: int
+    grid: tuple
+
+
+def row_tiles(R: int, F: int, target_programs: int = 2048) -> RowTiles:
+    """256-wide column blocks, ~4096 elements per tile, enough row groups to fill a large GPU (each row
+    group writes one fp32 partial row when the kernel sums columns)."""
+    block_f = min(256, triton.next_power_of_2(max(F, 1)))
+    block_r = max(1, min(4096 // block_f, triton.next_power_of_2(max(R, 1))))
+    col_blocks = triton.cdiv(max(F, 1), block_f)
+    groups = max(1, min(triton.cdiv(max(R, 1), block_r), triton.cdiv(target_programs, col_blocks)))
+    rows = triton.cdiv(triton.cdiv(max(R, 1), groups), block_r) * block_r
+    return RowTiles(block_r, block_f, rows, 4, (triton.cdiv(max(R, 1), rows), col_blocks))
+
+
 def row_copy(width: int) -> RowCopy:
     """256-wide column blocks (exact for D = 512/768/1024/1280 and C*p*p = 768) and ~4096 elements per
     program, so several rows each."""

@@ -19,5 +19,6 @@ except ImportError as e:  # pragma: no cover - only when the package was not bui
 
 from . import ops, reference  # noqa: E402,F401
 from .patching import patch_model  # noqa: E402,F401
+from .train import TrainStep  # noqa: E402,F401
 
-__all__ = ["ops", "reference", "patch_model", "__version__"]
+__all__ = ["ops", "reference", "patch_model", "TrainStep", "__version__"]

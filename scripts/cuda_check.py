@@ -53,7 +53,7 @@ def main() -> int:
     incs.append(f"-I{_generated_headers(out_dir)}")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = [
-        "-c", "-std=c++17", "-O2", "-arch=sm_90", "--expt-relaxed-constexpr",
+        "-c", "-std=c++20", "-O2", "-arch=sm_90", "--expt-relaxed-constexpr",
         "-DMAE_FAST_WITH_CUDA=1", "-DTORCH_EXTENSION_NAME=_C", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         "-Xcompiler", "-fPIC",
     ]

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_check.sh [build] [tests] [bench] [model-bench]     (default: all four)
 #   TESTS="tests/ops/test_norm_pix_loss.py" bash scripts/gpu_check.sh build tests
 #   BENCHES="bench/bench_gather_tokens.py" TEST_TIMEOUT=300 bash scripts/gpu_check.sh build tests bench
+#   bash scripts/gpu_check.sh build graph-bench     (not in the default: TrainStep's GPU tests, then
+#        reference / mae_fast / mae_fast+graph for ViT-B/16 and ViT-L/16, batch 256, bf16; at most 450 s)
 #
 # Uses the machine's python3 (torch with CUDA) as is: no venv, no installs beyond this package.
 set -uo pipefail
@@ -67,6 +69,19 @@ if has model-bench; then
   t0=$SECONDS
   timeout 300 $PY -m mae_fast bench --json "$OUT/bench_model.json" --no-progress 2>&1 | tee -a "$OUT/bench.log"
   note "mae-fast bench: rc=$? ($((SECONDS - t0)) s)"
+fi
+
+if has graph-bench; then
+  t0=$SECONDS
+  timeout 150 $PY -m pytest -q -rs -p no:randomly -m gpu tests/test_train.py 2>&1 | tee "$OUT/train_tests.log" | tail -15
+  note "TrainStep gpu tests: $(tail -1 "$OUT/train_tests.log") ($((SECONDS - t0)) s)"
+  for m in vit_b16:mae_vit_base_patch16 vit_l16:mae_vit_large_patch16; do
+    t0=$SECONDS
+    echo "######## mae-fast bench ${m#*:} graph" >>"$OUT/bench.log"
+    timeout 150 $PY -m mae_fast bench --model "${m#*:}" --batch-size 256 --dtype bf16 --no-progress \
+      --variants reference,mae_fast,mae_fast+graph --json "$OUT/h200_graph_${m%%:*}_bs256_bf16.json" 2>&1 | tee -a "$OUT/bench.log"
+    note "graph bench ${m#*:}: rc=${PIPESTATUS[0]} ($((SECONDS - t0)) s)"
+  done
 fi
 
 echo

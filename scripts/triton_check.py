@@ -1,137 +1,200 @@
-"""Compile every Triton kernel variant the ops launch to sm_90 machine code, on a machine without a GPU.
+"""`make triton-check`: compile every Triton kernel of kernels/ for sm_90 (PTX and cubin), as launched.
 
-The interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels) executes Python, not the compiler: a
-construct it accepts may still fail to compile for a GPU. This script runs each op (forward and backward,
-the variants the flags select) on small CPU tensors under the interpreter in a child process, records
-every launch's argument types and constexpr values, then compiles each distinct variant with Triton's
-own compiler for ``GPUTarget("cuda", 90, 32)`` (to a cubin, with the ptxas Triton ships). Exit status 1
-if any fails. About a minute on two CPU cores.
+Each op runs once (forward and backward, fp32 and bf16, with and without its optional inputs) through
+Triton's interpreter on the CPU (in a subprocess), and so does one training step of the ViT-B/16 and
+ViT-L/16 fast models at batch 256 on fake tensors (the launch configurations of a real run); every launch
+is recorded: its argument types, constexprs and num_warps. Each distinct launch signature is then compiled for an H100/H200 (GPUTarget cuda 90) by Triton's
+own compiler, without a GPU, and ptxas reports its registers, spills and shared memory. So the kernels are
+type-checked by the real compiler on machines without a GPU (the interpreter accepts some code the compiler
+rejects), and a kernel that spills registers shows up here. Exit status 1 if any kernel fails to compile.
 
-    python scripts/triton_check.py
+    python scripts/triton_check.py [--verbose]
 """
+import argparse
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+         torch.int32: "i32", torch.bool: "i1"}
 
 
-def record() -> list:
-    """(child, under the interpreter) run the ops and return [(module, kernel, {arg: type or value})]."""
-    import importlib
-    import inspect
-    import pkgutil
-
-    import torch
-
-    import mae_fast.kernels as package
+def workload():
+    """Every op, forward and backward, in the dtypes and variants the library launches."""
     from mae_fast import ops
     from mae_fast.testing import randn, random_ids
 
-    seen, hooks = {}, []
-
-    def describe(v):
-        if isinstance(v, torch.Tensor):
-            return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-                          torch.int64: "i64"}[v.dtype]
-        if isinstance(v, bool):
-            return ["bool", v]
-        if isinstance(v, int):
-            return ["int", v]
-        if isinstance(v, float):
-            return ["float", v]
-        return ["other", repr(v)]
-
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"mae_fast.kernels.{info.name}")
-        for name, k in vars(module).items():
-            if hasattr(k, "add_pre_run_hook") and not isinstance(k, type):
-                def hook(*args, _k=k, _mod=module.__name__, _name=name, **kwargs):
-                    bound = inspect.getcallargs(_k.fn, *args, **kwargs)
-                    sig = {a: describe(v) for a, v in bound.items()}
-                    seen[json.dumps([_mod, _name, sig], sort_keys=True)] = (_mod, _name, sig)
-                k.add_pre_run_hook(hook)
-                hooks.append((k, hook))
-
-    N, L, K, D = 3, 12, 5, 40
-    ids, restore = random_ids(N, L, K)
-    with ops.path("triton"):
-        for pos, pre in ((True, True), (False, False)):
-            x = randn(N, L, D).requires_grad_(True)
-            p = randn(1, L, D).requires_grad_(pos)
-            f = randn(1, 1, D).requires_grad_(pre)
-            ops.gather_tokens(x, ids.int(), p if pos else None, f if pre else None).sum().backward()
-            y = randn(N, 1 + K, D).requires_grad_(True)
-            ops.unshuffle_tokens(y, restore, torch.zeros(D, requires_grad=True), randn(1, 1 + L, D) if pos else None
-                                 ).sum().backward()
-        for dtype in (torch.float32, torch.bfloat16):
-            ops.gather_patches(randn(N, 2, 12, 16, dtype=dtype).requires_grad_(True), ids, 4).sum().backward()
-            ops.gather_patches(randn(N, 2, 4, 8, 12, dtype=dtype).requires_grad_(True), ids, 4,
-                               t_patch_size=2).sum().backward()
-        imgs = torch.rand(N, 3, 16, 24)
-        mask = torch.ones(N, 6)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for norm_pix in (True, False):
-                pred = randn(N, 6, 192, dtype=dtype).requires_grad_(True)
-                (ops.norm_pix_loss(pred, imgs, mask, 8, norm_pix) * 2).backward()
-                pm = randn(N, 3, 192, dtype=dtype).requires_grad_(True)
-                ops.norm_pix_loss(pm, imgs, None, 8, norm_pix, ids_masked=random_ids(N, 6, 3)[0]).backward()
-                with torch.no_grad():
-                    ops.norm_pix_loss(pred, imgs, mask, 8, norm_pix)
-    for k, hook in hooks:
-        k.pre_run_hooks.remove(hook)
-    return list(seen.values())
+    for dt in (torch.float32, torch.bfloat16):
+        N, L, K, D = 2, 16, 5, 24
+        ids_keep, ids_restore = random_ids(N, L, K)
+        x = randn(N, L, D, dtype=dt).requires_grad_(True)
+        for pos, pre in ((None, None), (randn(1, L, D).requires_grad_(True), randn(1, 1, D).requires_grad_(True))):
+            ops.gather_tokens(x, ids_keep, pos, pre).sum().backward()
+        y = randn(N, 1 + K, D, dtype=dt).requires_grad_(True)
+        mt = randn(1, 1, D).requires_grad_(True)
+        for pos in (None, randn(1, 1 + L, D).requires_grad_(True)):
+            ops.unshuffle_tokens(y, ids_restore, mt, pos, out_dtype=torch.float32).sum().backward()
+        for imgs, u in ((randn(N, 3, 16, 16, dtype=dt), 1), (randn(N, 3, 4, 8, 8, dtype=dt), 2)):
+            ops.gather_patches(imgs.requires_grad_(True), random_ids(N, 8, 4)[0], 4, t_patch_size=u).sum().backward()
+        imgs = randn(N, 3, 16, 16)
+        mask = torch.ones(N, L)
+        for pred_dt in (dt, torch.float16):
+            pred = randn(N, L, 48, dtype=pred_dt).requires_grad_(True)
+            (ops.norm_pix_loss(pred, imgs, mask, 4) * 2).backward()
+            pm = randn(N, L - K, 48, dtype=pred_dt).requires_grad_(True)
+            ops.norm_pix_loss(pm, imgs, None, 4, ids_masked=ids_restore[:, K:] % L).backward()
+        s = randn(N, L, D)
+        for branch in (None, randn(N, L, D, dtype=dt)):
+            w, b = randn(D).requires_grad_(True), randn(D).requires_grad_(True)
+            xx = s.clone().requires_grad_(True)
+            br = branch.requires_grad_(True) if branch is not None else None
+            yy, ss = ops.add_layer_norm(xx, w, b, 1e-6, branch=br, branch_bias=randn(D) if br is not None else None,
+                                        out_dtype=dt)
+            (yy.float().sum() + ss.sum()).backward()
+        for approximate in ("none", "tanh"):
+            ops.bias_gelu(randn(N, L, 4 * D, dtype=dt).requires_grad_(True), randn(4 * D).requires_grad_(True),
+                          approximate).sum().backward()
+        ops.residual_add(s.clone().requires_grad_(True), randn(N, L, D, dtype=dt).requires_grad_(True),
+                         randn(D).requires_grad_(True)).sum().backward()
+        for bias in (randn(3 * D).requires_grad_(True), None):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == torch.bfloat16):
+                out = ops.self_attention(s.clone().requires_grad_(True), randn(3 * D, D).requires_grad_(True),
+                                         bias, 3, backend="math")
+            out.float().sum().backward()
 
 
-def compile_all(variants: list) -> int:
-    """(parent, no interpreter) compile each variant for sm_90; return the number of failures."""
-    import importlib
+def signature(kernel, args, kwargs):
+    """(signature, constexprs, num_warps) of one launch."""
+    import inspect
 
+    names = list(inspect.signature(kernel.fn).parameters)
+    constexprs = {n: kwargs[n] for n in names if n in kwargs}
+    sig = {}
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i64" if abs(value) >= 2**31 else "i32"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {name} of type {type(value).__name__}")
+    for name in constexprs:
+        sig[name] = "constexpr"
+    return sig, constexprs, kwargs.get("num_warps", 4)
+
+
+def resources(ptx: str, ptxas: str):
+    """(registers, spill bytes, shared bytes) from ptxas -v on the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = int(m.group(1)) if (m := re.search(r"Used (\d+) registers", out)) else -1
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    smem = int(m.group(1)) if (m := re.search(r"(\d+) bytes smem", out)) else 0
+    return regs, spills, smem
+
+
+def model_steps():
+    """One training step of the fast ViT-B/16 and ViT-L/16 MAEs at batch 256 under bf16 autocast, on fake
+    tensors (shapes only): the launch configurations of a real run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mae_fast import models
+
+    for name in ("mae_vit_base_patch16", "mae_vit_large_patch16"):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = models.create_model(name, norm_pix_loss=True, attn_backend="math")
+            imgs = torch.randn(256, 3, 224, 224)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model.forward_train(imgs, 0.75)
+            loss.backward()
+
+
+def record() -> None:
+    """Print the launch signatures of the workloads as JSON lines ("real": from the full-size model step)."""
+    from mae_fast.ops._registry import observe_launches
+
+    seen = set()
+    for real, run in ((False, workload), (True, model_steps)):
+        with observe_launches(run=not real) as launches:  # the full-size step: recorded, not run
+            run()
+        for kernel, _grid, largs, lkwargs in launches:
+            sig, constexprs, warps = signature(kernel, largs, lkwargs)
+            line = json.dumps({"module": kernel.fn.__module__, "name": kernel.fn.__name__, "signature": sig,
+                               "constexprs": constexprs, "num_warps": warps, "real": real}, sort_keys=True)
+            if line not in seen:
+                seen.add(line)
+                print(line)
+
+
+def compile_all(lines, verbose: bool) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", 90, 32)
-    failed = 0
-    for mod, name, sig in variants:
-        fn = getattr(importlib.import_module(mod), name)
-        constexpr = {p.name for p in fn.params if p.is_constexpr}
-        signature, constants = {}, {}
-        for arg, d in sig.items():
-            if arg in constexpr:
-                signature[arg], constants[arg] = "constexpr", d[1] if isinstance(d, list) else d
-            elif isinstance(d, str):
-                signature[arg] = d
-            elif d[0] == "int":
-                signature[arg] = "i64" if not -2**31 <= d[1] < 2**31 else "i32"
-            elif d[0] == "float":
-                signature[arg] = "fp32"
-            else:
-                signature[arg] = "i1"
-        label = f"{name}({', '.join(f'{k}={v}' for k, v in constants.items())})"
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the ptxas Triton itself uses for sm_90
+    rows, failed = [], 0
+    t0 = time.perf_counter()
+    for launch in lines:
+        fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
-            assert compiled.asm.get("cubin"), "no cubin"
-            print(f"triton-check: {label}: ok")
-        except Exception as err:  # report every failure, then fail
+            compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"]), target=target,
+                                      options={"num_warps": launch["num_warps"]})
+            regs, spills, smem = resources(compiled.asm["ptx"], ptxas)
+            rows.append((launch["name"], regs, spills if launch["real"] else 0, smem, "ok"))
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
-            print(f"triton-check: {label}: FAILED\n{err}")
-    return failed
+            rows.append((launch["name"], -1, 0, 0, f"FAILED: {type(e).__name__}: {str(e).strip()[:400]}"))
+        if verbose:
+            print(rows[-1], launch["constexprs"], launch["num_warps"])
+    by_kernel = {}
+    for name, regs, spills, smem, status in rows:
+        k = by_kernel.setdefault(name, [0, 0, 0, 0, "ok"])
+        k[0] += 1
+        k[1], k[2], k[3] = max(k[1], regs), max(k[2], spills), max(k[3], smem)
+        if status != "ok":
+            k[4] = status
+    print(f"triton-check: {len(rows)} launch signatures of {len(by_kernel)} kernels compiled for sm_90 "
+          f"in {time.perf_counter() - t0:.0f} s (max registers / shared bytes per kernel; spill bytes at the "
+          f"configurations of a ViT-B/16 and ViT-L/16 step, batch 256)")
+    for name, (n, regs, spills, smem, status) in sorted(by_kernel.items()):
+        print(f"  {name:28s} {n:3d} variants  regs {regs:4d}  spills {spills:5d}  smem {smem:6d}  {status}")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--verbose", action="store_true", help="one line per compiled launch signature")
+    ap.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # the interpreter subprocess
+    args = ap.parse_args(argv)
+    if args.record:
+        record()
+        return 0
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--record"], env=env, capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        print(res.stdout[-3000:], res.stderr[-5000:])
+        return 1
+    os.environ.pop("TRITON_INTERPRET", None)
+    return compile_all([json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")], args.verbose)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--record":
-        sys.path.insert(0, ROOT)
-        print(json.dumps(record()))
-        sys.exit(0)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.run([sys.executable, __file__, "--record"], env=env, capture_output=True, text=True)
-    if child.returncode:
-        sys.exit(f"triton-check: recording the launches failed:\n{child.stderr[-4000:]}")
-    variants = json.loads(child.stdout.strip().splitlines()[-1])
-    os.environ.pop("TRITON_INTERPRET", None)
-    sys.path.insert(0, ROOT)
-    failures = compile_all(variants)
-    print(f"triton-check: {len(variants) - failures} of {len(variants)} kernel variants compiled for sm_90")
-    sys.exit(1 if failures else 0)
+    sys.exit(main())

@@ -17,6 +17,8 @@ returns the loss only and runs decoder_norm/decoder_pred on the removed tokens o
 mask ratio 0 the loss is the mean over all patches (the official one divides by zero). As the official model,
 a ratio that keeps no patch encodes the cls token alone, and an empty batch gives a NaN loss. Video
 (``num_frames=T, t_patch_size=u``, ``tube_masking``): clips [N, C, T, H, W], space-time tubelet tokens.
+
+float64 models run the same steps, on the ops' plain torch path.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ import torch.nn as nn
 
 from .. import ops
 from ..nn import Block, PatchEmbed
+from ..nn.fused import run_blocks
 from ..nn.pos_embed import sincos_pos_embed
 from ..ops._checks import check_indices_enabled, check_ratio
+from ..ops._registry import autocast_dtype, dispatching
 
 
 class FastMAEMethods:
@@ -38,7 +42,16 @@ class FastMAEMethods:
     which get these methods by a class swap. Needs: patch_embed (a ``mae_fast.nn.PatchEmbed``),
     cls_token, pos_embed, blocks, norm, decoder_embed, mask_token, decoder_pos_embed,
     decoder_blocks, decoder_norm, decoder_pred, norm_pix_loss.
+
+    ``official_noise``: False (default) draws masks from the masking engine (Philox keys: seeded by
+    ``torch.manual_seed``, but not the official code's masks). True draws ``noise = torch.rand(N, L)``
+    (``[N, L/T]`` with tube masking) on the images' device when no noise is given, as the official
+    ``random_masking`` does, so the same seed gives the official run's masks exactly. It is slower:
+    an [N, L] float draw and a sort of it instead of the engine's one pass. Set it on the model
+    (``model.official_noise = True``) or with ``patch_model(model, official_noise=True)``.
     """
+
+    official_noise: bool = False
 
     # -- the patch layout (from patch_embed)
     @property
@@ -85,38 +98,44 @@ class FastMAEMethods:
         self.patch_embed.check_input(imgs)
         # non-finite pixels would only show up as a NaN loss steps later; say so now where it is free
         # of a device sync (CPU), or when asked (MAE_FAST_CHECK_INDICES=1 on CUDA)
-        if (imgs.device.type == "cpu" or check_indices_enabled()) and not torch.compiler.is_compiling():
+        if (imgs.device.type == "cpu" or check_indices_enabled()) and not dispatching():
             # a NaN/inf anywhere makes the sum non-finite (cheap); only then look element by element
             if not bool(torch.isfinite(imgs.sum(dtype=torch.float32))) and not bool(torch.isfinite(imgs).all()):
                 raise ValueError("imgs contains NaN or inf values")
-        return ops.random_masking(imgs.shape[0], self.patch_embed.num_patches, mask_ratio,
-                                  device=imgs.device, noise=noise, frames=self.mask_frames)
+        return self._masks(imgs.shape[0], self.patch_embed.num_patches, mask_ratio, imgs.device, noise)
+
+    def _masks(self, N: int, L: int, mask_ratio: float, device, noise: Optional[torch.Tensor]):
+        if noise is None and self.official_noise:
+            noise = torch.rand(N, L // self.mask_frames, device=device)  # the official draw
+        return ops.random_masking(N, L, check_ratio("mask_ratio", mask_ratio), device=device, noise=noise,
+                                  frames=self.mask_frames)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
         """The official signature: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
-        m = ops.random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device, noise=noise,
-                               frames=self.mask_frames)
+        m = self._masks(x.shape[0], x.shape[1], mask_ratio, x.device, noise)
         return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
 
-    def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Encode the kept patches: [N, 1+K, D] (cls first)."""
-        x = self.patch_embed.forward_visible(imgs, ids_keep)  # [N, K, D]
-        x = x + self.pos_embed[0, 1:][ids_keep].to(x.dtype)  # + positions of the kept patches
+    def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor, out_dtype: Optional[torch.dtype] = None):
+        """Encode the kept patches: [N, 1+K, D] (cls first), after the final norm, in ``out_dtype`` (default:
+        the residual stream's, fp32 for an fp32 model under autocast, as the official model returns)."""
+        x = self.patch_embed.forward_visible(imgs, ids_keep)  # [N, K, D] in the GEMM dtype
+        x = x + self.pos_embed[0, 1:][ids_keep]  # + positions of the kept patches: the stream's dtype (fp32)
         cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)  # [N, 1, D]
         x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return run_blocks(self.blocks, x, self.norm, out_dtype)  # blocks, then norm
 
     def _decode_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Decoder blocks on cls + all L tokens (mask tokens filled in): [N, 1+L, Dd], before decoder_norm."""
-        x = self.decoder_embed(latent)  # [N, 1+K, Dd]
-        # fp32 mask token and positions are added in fp32 inside the op, one rounding to x's dtype
-        x = ops.unshuffle_tokens(x, ids_restore, self.mask_token,
-                                 pos_embed=self.decoder_pos_embed, num_prefix=1)  # [N, 1+L, Dd]
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return x
+        x = _linear(self.decoder_embed, latent)  # [N, 1+K, Dd] in the GEMM dtype
+        # the official cat with the fp32 mask token and + fp32 positions: an fp32 stream under autocast
+        stream = _promote(x.dtype, self.mask_token.dtype, self.decoder_pos_embed.dtype)
+        x = ops.unshuffle_tokens(x, ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed, num_prefix=1,
+                                 out_dtype=stream)  # [N, 1+L, Dd]
+        return run_blocks(self.decoder_blocks, x)
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        """decoder_norm and decoder_pred on decoder tokens x [N, M, Dd] -> [N, M, (u*)p*p*C]."""
+        return _linear(self.decoder_pred, _norm(self.decoder_norm, x, _gemm_dtype(x)))
 
     # -- the official methods
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
@@ -127,12 +146,12 @@ class FastMAEMethods:
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predictions for every patch: [N, L, (u*)p*p*C], as the official forward_decoder."""
         x = self._decode_tokens(latent, ids_restore)
-        return self.decoder_pred(self.decoder_norm(x[:, 1:]))  # [N, L, p*p*C]
+        return self._predict(x[:, 1:])  # [N, L, p*p*C]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The official loss, fused: read straight from imgs, gradient computed in the same pass."""
         if pred.shape[0] == 0:  # an empty batch: NaN (0 / 0) as the official loss, zero parameter gradients
-            return pred.sum(dtype=torch.float32) * float("nan")
+            return pred.sum(dtype=torch.float64 if pred.dtype == torch.float64 else torch.float32) * float("nan")
         return ops.norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=bool(self.norm_pix_loss),
                                  t_patch_size=self.t_patch_size)
 
@@ -150,15 +169,40 @@ class FastMAEMethods:
         K, L = m.ids_keep.shape[1], m.ids_restore.shape[1]
         if K == L or imgs.shape[0] == 0:  # nothing removed (a loss over every patch) or no sample: as forward
             return self.forward(imgs, mask_ratio, noise)[0]
-        x = self._decode_tokens(self._encode(imgs, m.ids_keep), m.ids_restore)  # [N, 1+L, Dd]
+        latent = self._encode(imgs, m.ids_keep, out_dtype=_gemm_dtype(imgs))  # [N, 1+K, D], for decoder_embed
+        x = self._decode_tokens(latent, m.ids_restore)  # [N, 1+L, Dd]
         # the removed tokens in ascending-noise order: inverse of ids_restore, ranks K..L-1
         ids_shuffle = torch.empty_like(m.ids_restore).scatter_(
             1, m.ids_restore, torch.arange(L, device=imgs.device).expand_as(m.ids_restore))  # [N, L]
         ids_masked = ids_shuffle[:, K:]  # [N, L-K]
-        x = ops.gather_tokens(x[:, 1:], ids_masked)  # [N, L-K, Dd]
-        pred = self.decoder_pred(self.decoder_norm(x))  # [N, L-K, p*p*C]
+        pred = self._predict(ops.gather_tokens(x, ids_masked + 1))  # [N, L-K, p*p*C] (row 0 of x is cls)
         return ops.norm_pix_loss(pred, imgs, None, self.patch_size, norm_pix=bool(self.norm_pix_loss),
                                  ids_masked=ids_masked, t_patch_size=self.t_patch_size)
+
+
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM consuming x runs in: the autocast dtype on x's device, else x's own."""
+    return autocast_dtype(x) or x.dtype
+
+
+def _promote(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype torch's type promotion gives floats of these dtypes (fp32 for bf16 with fp16)."""
+    widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
+    if all(d == widest or torch.finfo(d).bits < torch.finfo(widest).bits for d in dtypes):
+        return widest
+    return torch.float32  # two 16-bit formats
+
+
+def _norm(norm: nn.Module, x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A LayerNorm through the fused op (fp32 statistics, output cast once), any other norm as it is."""
+    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+        return ops.add_layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)[0]
+    return norm(x)
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An nn.Linear through ops.linear (fp32 weight gradient, no per-step casts of it), anything else as is."""
+    return ops.linear(x, module.weight, module.bias) if type(module) is nn.Linear else module(x)
 
 
 class MaskedAutoencoderViT(FastMAEMethods, nn.Module):

@@ -57,14 +57,23 @@ def path(name: str) -> Iterator[None]:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op on tensor ``t`` runs its Triton kernels (see the module docstring)."""
+    """Whether an op on tensor ``t`` runs its Triton kernels (see the module docstring). float64 always
+    takes the torch path: the kernels compute in fp32."""
     runnable = t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret())
     if _path == "torch":
         return False
+    if _path == "triton" and t.dtype == torch.float64:
+        raise RuntimeError("mae_fast.ops path 'triton': the kernels have no float64 version (path 'auto' runs "
+                           "float64 on the torch path)")
     if _path == "triton" and not runnable and t.device.type != "meta":
         raise RuntimeError(f"mae_fast.ops path 'triton' needs CUDA tensors or TRITON_INTERPRET=1 on the CPU, "
                            f"got a tensor on {t.device}")
-    return runnable
+    return runnable and t.dtype != torch.float64
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """t in the dtype the torch paths compute in: float64 stays float64, anything else becomes fp32."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def dispatching() -> bool:
@@ -81,7 +90,12 @@ class Kernel:
         self.op = torch.library.triton_op(f"mae_fast::{name}", fn, mutates_args=tuple(mutates_args))
 
     def __call__(self, *args):
-        return self.op(*args) if dispatching() else self.fn(*args)
+        if dispatching():
+            return self.op(*args)
+        if torch.autograd.profiler._is_profiler_enabled:  # a named range for the profiler, as the op would have
+            with torch.autograd.profiler.record_function(f"mae_fast::{self.name}"):
+                return self.fn(*args)
+        return self.fn(*args)
 
 
 def kernel(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], Kernel]:
@@ -115,9 +129,41 @@ def once_differentiable(op: str):
     return wrap
 
 
-def launch(fn):
-    """A Triton kernel ready for ``[grid](...)``: traceable inside a registered op, a plain launch otherwise."""
-    return torch.library.wrap_triton(fn)
+_observers: list = []  # (callback, run): run False records the launch without running it
+
+
+class _Launch:
+    """``launch(kernel)[grid](*args, **kwargs)``: the kernel through ``torch.library.wrap_triton`` (traceable
+    inside a registered op, a plain launch otherwise), seen first by the observers of :func:`observe_launches`."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            for observe, _ in _observers:
+                observe(self.fn, grid, args, kwargs)
+            if all(execute for _, execute in _observers):
+                torch.library.wrap_triton(self.fn)[grid](*args, **kwargs)
+        return run
+
+
+def launch(fn) -> _Launch:
+    return _Launch(fn)
+
+
+@contextlib.contextmanager
+def observe_launches(run: bool = True):
+    """Context manager yielding a list that collects (kernel, grid, args, kwargs) of every launch inside;
+    ``run=False`` records the launches without running them (shapes and configurations only, e.g. on fake
+    tensors)."""
+    seen: list = []
+    entry = (lambda *launch_args: seen.append(launch_args), run)
+    _observers.append(entry)
+    try:
+        yield seen
+    finally:
+        _observers.remove(entry)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -141,3 +187,18 @@ def inverse_map(ids: torch.Tensor, L: int) -> torch.Tensor:
     inv = torch.full((N, L), -1, dtype=torch.int32, device=ids.device)  # [N, L]
     src = torch.arange(K, dtype=torch.int32, device=ids.device).expand(N, K)  # [N, K]
     return inv.scatter_(1, ids.long(), src)
+
+
+def autocast_off(t: torch.Tensor):
+    """A context without autocast on ``t``'s device: ops choose their dtypes themselves."""
+    if t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(t: torch.Tensor):
+    """The autocast dtype on ``t``'s device, or None when autocast is off there."""
+    kind = t.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None

@@ -16,7 +16,7 @@ from mae_fast.kernels import gather_patches as _k
 
 from ._checks import INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
 from ._indices import index_map, poison_rows, valid_and_clamped
-from ._registry import cdiv, kernel, launch, once_differentiable, use_triton
+from ._registry import cdiv, kernel, launch, once_differentiable, use_triton, wide
 
 __all__ = ["gather_patches", "gather_patches_torch", "gather_patches_backward_torch"]
 
@@ -43,8 +43,8 @@ def gather_patches_backward_torch(grad: Tensor, ids_keep: Tensor, C: int, T: int
     h, w = H // p, W // p
     L = (T // u) * h * w
     valid, idx, all_valid = valid_and_clamped(ids_keep, L)  # [N, K]
-    g = grad.float() if all_valid else grad.float().masked_fill(~valid.unsqueeze(-1), 0.0)  # [N, K, E]
-    gx = torch.zeros(N, L, E, dtype=torch.float32, device=grad.device)
+    g = wide(grad) if all_valid else wide(grad).masked_fill(~valid.unsqueeze(-1), 0.0)  # [N, K, E]
+    gx = torch.zeros(N, L, E, dtype=g.dtype, device=grad.device)
     gx.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, E), g)  # [N, L, C*u*p*p]: repeated ids add up
     gx = gx.to(grad.dtype).reshape(N, T // u, h, w, C, u, p, p)
     gx = gx.permute(0, 4, 1, 5, 2, 6, 3, 7)  # [N, C, T', u, h, p, w, p]

@@ -15,7 +15,8 @@ from mae_fast.kernels import gather_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
 from ._indices import index_map, poison_rows, valid_and_clamped
-from ._registry import cdiv, kernel, launch, no_grad_placeholder, once_differentiable, unused_pointer, use_triton
+from ._registry import (cdiv, kernel, launch, no_grad_placeholder, once_differentiable, unused_pointer, use_triton,
+                        wide)
 
 __all__ = ["gather_tokens", "gather_tokens_torch", "gather_tokens_backward_torch"]
 
@@ -26,7 +27,7 @@ def gather_tokens_torch(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor]
     valid, idx, all_valid = valid_and_clamped(ids_keep, L)  # [N, K]
     out = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # [N, K, D], a new tensor
     if pos_embed is not None:
-        out = (out.float() + pos_embed[0].float()[idx]).to(x.dtype)  # [N, K, D]
+        out = (wide(out) + wide(pos_embed[0])[idx]).to(x.dtype)  # [N, K, D]
     out = poison_rows(out, valid, all_valid)
     if prefix is not None:
         out = torch.cat([prefix.to(x.dtype).expand(N, -1, -1), out], dim=1)  # [N, P+K, D]
@@ -38,13 +39,13 @@ def gather_tokens_backward_torch(grad: Tensor, ids_keep: Tensor, L: int, P: int,
     """(grad_x [N, L, D], grad_pos [1, L, D] fp32, grad_prefix [1, P, D] fp32); unneeded ones empty."""
     N, _, D = grad.shape
     valid, idx, all_valid = valid_and_clamped(ids_keep, L)  # [N, K]
-    g = grad[:, P:].float()  # [N, K, D]
+    g = wide(grad[:, P:])  # [N, K, D] (fp32, float64 for float64)
     if not all_valid:
         g = g.masked_fill(~valid.unsqueeze(-1), 0.0)  # an invalid id's row fed no input
-    gx = torch.zeros(N, L, D, dtype=torch.float32, device=grad.device)
+    gx = torch.zeros(N, L, D, dtype=g.dtype, device=grad.device)
     gx.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, D), g)  # [N, L, D]: repeated ids add up
     gpos = gx.sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)
-    gpre = grad[:, :P].float().sum(0, keepdim=True) if need_prefix else no_grad_placeholder(grad)
+    gpre = wide(grad[:, :P]).sum(0, keepdim=True) if need_prefix else no_grad_placeholder(grad)
     return (gx.to(grad.dtype) if need_x else grad.new_empty((0,))), gpos, gpre
 
 

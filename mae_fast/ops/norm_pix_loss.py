@@ -9,7 +9,6 @@ buffer; eagerly the one backward scales it in place (nothing moves at grad_outpu
 a second backward through the same graph raises (docs/OPS.md has the details and the fp16 prescale).
 Kernels: ``kernels/norm_pix_loss.py``; plain torch path: :func:`norm_pix_loss_forward_torch`.
 """
-import contextlib
 from typing import Optional
 
 import torch
@@ -20,17 +19,18 @@ from mae_fast.kernels import norm_pix_loss as _k
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled,
                       check_number, check_same_device, check_shape, check_tensor)
 from ._indices import valid_and_clamped
-from ._registry import dispatching, kernel, launch, once_differentiable, use_triton
+from ._registry import autocast_off, dispatching, kernel, launch, once_differentiable, use_triton, wide
 
 __all__ = ["norm_pix_loss", "norm_pix_loss_torch", "norm_pix_loss_forward_torch", "norm_pix_loss_forward_triton"]
 
 
 # ------------------------------------------------------------------------------------------ torch path
-def _patch_targets(imgs: Tensor, p: int, u: int = 1) -> Tensor:
-    """imgs [N, C, H, W] or [N, C, T, H, W] -> fp32 targets [N, L, u*p*p*C] in patchify order (u, p, p, C)."""
+def _patch_targets(imgs: Tensor, p: int, u: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """imgs [N, C, H, W] or [N, C, T, H, W] -> targets [N, L, u*p*p*C] in ``dtype``, in patchify order
+    (u, p, p, C)."""
     v = imgs.unsqueeze(2) if imgs.dim() == 4 else imgs  # [N, C, T, H, W], T = 1 for an image
     n, c, t, h, w = v.shape
-    x = v.float().reshape(n, c, t // u, u, h // p, p, w // p, p)  # [N, C, T', u, h, p, w, p]
+    x = v.to(dtype).reshape(n, c, t // u, u, h // p, p, w // p, p)  # [N, C, T', u, h, p, w, p]
     x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [N, T', h, w, u, p, p, C]
     return x.reshape(n, (t // u) * (h // p) * (w // p), u * p * p * c)  # [N, L, D]
 
@@ -38,17 +38,10 @@ def _patch_targets(imgs: Tensor, p: int, u: int = 1) -> Tensor:
 def _row_scale_torch(g: Tensor) -> tuple[Tensor, Tensor]:
     """The kernels' fp16 row scale (``_row_scale``): (s, 1 / s) [N, Lp, 1] fp32 powers of two with each row's
     largest |g| (NaN ignored) times s in [2**14, 2**15); 1 for a row of zeros or with an infinity."""
-    amax = torch.where(torch.isnan(g), 0.0, g.abs()).amax(-1, keepdim=True)  # [N, Lp, 1]
+    amax = torch.where(torch.isnan(g), 0.0, g.abs()).amax(-1, keepdim=True).float()  # [N, Lp, 1]
     e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2(amax)) for a normal amax
     k = torch.where((amax > 0) & (e < 128), (14 - e).clamp(-126, 126), 0)
     return ((k + 127) << 23).view(torch.float32), ((127 - k) << 23).view(torch.float32)
-
-
-def _no_autocast(t: Tensor):
-    """The torch path computes in fp32 whatever autocast says (as the kernels do)."""
-    if t.device.type in ("cpu", "cuda"):
-        return torch.autocast(t.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _targets_at(t: Tensor, ids: Tensor) -> Tensor:
@@ -61,24 +54,25 @@ def _targets_at(t: Tensor, ids: Tensor) -> Tensor:
 
 def norm_pix_loss_forward_torch(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, u: int = 1,
                                 write_grad: bool = True):
-    """(loss fp32 [], gbuf [N, Lp, D] in pred's dtype (empty without write_grad), unscale fp32: [] or, for an
-    fp16 gbuf, one per row [N, Lp, 1]).
+    """(loss [], gbuf [N, Lp, D] in pred's dtype (empty without write_grad), unscale: [] or, for an fp16 gbuf,
+    one per row [N, Lp, 1]), in fp32 (float64 when pred or imgs is float64).
 
-    Works in place on its own fp32 target copy: statistics, normalisation, diff and gradient reuse it.
+    Works in place on its own target copy: statistics, normalisation, diff and gradient reuse it.
     """
-    with _no_autocast(pred):
+    with autocast_off(pred):  # fp32 math whatever autocast says, as the kernels
         return _forward_torch(pred, imgs, weight, ids, p, norm_pix, eps, u, write_grad)
 
 
 def _forward_torch(pred, imgs, weight, ids, p, norm_pix, eps, u, write_grad):
     n, lp, d = pred.shape
-    t = _patch_targets(imgs, p, u)  # [N, L, D] fp32
+    acc = torch.float64 if torch.float64 in (pred.dtype, imgs.dtype) else torch.float32
+    t = _patch_targets(imgs, p, u, acc)  # [N, L, D]
     if ids is not None:
         t = _targets_at(t, ids)  # [N, M, D], a new tensor
-        w = torch.ones(n, lp, dtype=torch.float32, device=pred.device)  # [N, M]
-        den = torch.full((), float(n * lp), dtype=torch.float32, device=pred.device)  # N * M, no reduction
+        w = torch.ones(n, lp, dtype=acc, device=pred.device)  # [N, M]
+        den = torch.full((), float(n * lp), dtype=acc, device=pred.device)  # N * M, no reduction
     else:
-        w = weight.float()  # [N, L]
+        w = weight.to(acc)  # [N, L]
         den = w.sum()
     if t._is_view():
         t = t.clone()  # patchify was a view of imgs (one patch per image): never write to the user's tensor
@@ -89,7 +83,7 @@ def _forward_torch(pred, imgs, weight, ids, p, norm_pix, eps, u, write_grad):
     active = w != 0  # [N, Lp]
     row = torch.linalg.vecdot(diff, diff) / d  # [N, Lp]
     loss = torch.where(active, row * w, 0.0).sum() / den
-    unscale = torch.ones((), dtype=torch.float32, device=pred.device)
+    unscale = torch.ones((), dtype=acc, device=pred.device)
     if not write_grad:
         return loss, pred.new_empty((0,)), unscale
     grad1 = diff.mul_((w * (2.0 / d) / den)[:, :, None])  # 2 * w * diff / (D * den)
@@ -105,21 +99,22 @@ def _loss_autograd(pred, imgs, weight, ids, p, norm_pix, eps, u):
     """The same loss by autograd through the plain formula: the path when imgs needs a gradient (the
     reference differentiates through the normalised target). Rows with weight 0 are not used, as in the
     kernels; ids outside [0, L) give NaN rows, repeated ids add their gradients into imgs."""
-    with _no_autocast(pred):
-        t = _patch_targets(imgs, p, u)  # [N, L, D] fp32, differentiable
+    with autocast_off(pred):  # fp32 math whatever autocast says, as the kernels
+        acc = torch.float64 if torch.float64 in (pred.dtype, imgs.dtype) else torch.float32
+        t = _patch_targets(imgs, p, u, acc)  # [N, L, D], differentiable
         if ids is not None:
             t = _targets_at(t, ids)  # [N, M, D]
-            w = torch.ones(ids.shape, dtype=torch.float32, device=pred.device)
+            w = torch.ones(ids.shape, dtype=acc, device=pred.device)
             den = float(ids.numel())
         else:
-            w = weight.float()
+            w = weight.to(acc)
             den = w.sum()
         active = (w != 0)[:, :, None]  # [N, Lp, 1]
         t = torch.where(active, t, 0.0)  # an unused patch is not read (no NaN from it reaches a gradient)
         if norm_pix:
             var, mean = torch.var_mean(t, dim=-1, keepdim=True)  # unbiased
             t = (t - mean) * torch.rsqrt(var + eps)
-        diff = torch.where(active, pred.float() - t, 0.0)
+        diff = torch.where(active, pred.to(acc) - t, 0.0)
         row = (diff * diff).mean(-1)  # [N, Lp]
         return (row * w).sum() / den
 
@@ -204,7 +199,7 @@ def _forward(pred: Tensor, imgs: Tensor, weight: Optional[Tensor], ids: Optional
 def _backward(gbuf: Tensor, unscale: Tensor, grad_loss: Tensor) -> Tensor:
     """grad_pred = gbuf * (grad_loss * unscale): a new tensor, the buffer is not modified."""
     if not use_triton(gbuf):
-        return (gbuf.float() * (grad_loss.float() * unscale.float())).to(gbuf.dtype)
+        return (wide(gbuf) * (wide(grad_loss) * wide(unscale))).to(gbuf.dtype)
     return _scale_triton(gbuf, unscale, grad_loss, torch.empty_like(gbuf))
 
 
@@ -212,7 +207,7 @@ def _scale_in_place(gbuf: Tensor, unscale: Tensor, grad_loss: Tensor) -> Tensor:
     """The eager backward: the buffer becomes grad_pred in place (on the device: no host sync)."""
     if use_triton(gbuf):
         return _scale_triton(gbuf, unscale, grad_loss, gbuf)
-    factor = grad_loss.float() * unscale  # [] or [N, Lp, 1]
+    factor = wide(grad_loss) * unscale  # [] or [N, Lp, 1]
     if factor.device.type == "cpu" and factor.dim() == 0 and bool(factor == 1.0):  # a CPU scalar: no sync
         return gbuf
     return gbuf.mul_(factor)
@@ -307,7 +302,7 @@ def norm_pix_loss(
     if ids_masked is None:
         if mask is None:
             raise ValueError("mask must be given (shape [N, L]) unless ids_masked is given")
-        check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64, torch.bool))
+        check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,))
         check_same_device(pred=pred, imgs=imgs, mask=mask)
         check_shape("pred", pred, (n, num_patches, d))
         check_shape("mask", mask, (n, num_patches))
@@ -321,7 +316,7 @@ def norm_pix_loss(
             raise ValueError(f"ids_masked names M={ids_masked.shape[1]} patches but imgs has only L={num_patches}")
         check_shape("pred", pred, (n, ids_masked.shape[1], d))
         if mask is not None:
-            check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64, torch.bool))
+            check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,))
             check_shape("mask", mask, (n, num_patches))
     if n == 0:
         raise ValueError("imgs must hold at least one image (N >= 1), got N = 0")

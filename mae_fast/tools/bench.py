@@ -7,6 +7,10 @@ Used by `mae-fast bench` and `mae-fast sweep`. Variants (``VARIANTS``, name -> b
   mae_fast            mae_fast.models.create_model (the fast model), eager, trained through its
                       ``forward_train`` (loss only, its own fast path) when it has one
   mae_fast+compile    torch.compile of the same, default mode
+  mae_fast+graph      the fast model trained by mae_fast.TrainStep: AdamW(fused=True, capturable=True) and the
+                      whole step (forward, backward, optimizer) one CUDA graph replay. On a CPU the same
+                      TrainStep call runs eagerly with the other variants' AdamW (the table says so).
+                      Not under DDP, not with fp16 (TrainStep has no loss scaling).
 
 How it measures: every variant is built and warmed up first (compilation happens there), then the
 timed steps run in rounds, one step of each variant per round, so slow drifts of the machine (clocks,
@@ -50,7 +54,8 @@ from . import flops, report, timing
 
 CPU_DEFAULT = dict(model="mae_vit_tiny_patch8", batch_size=32, steps=20, warmup=3)
 GPU_DEFAULT = dict(model="mae_vit_base_patch16", batch_size=256, steps=30, warmup=5)
-ALL_VARIANTS = ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
+ALL_VARIANTS = ["reference", "reference+compile", "mae_fast", "mae_fast+compile", "mae_fast+graph"]
+GRAPH = "mae_fast+graph"
 
 
 class VariantUnavailable(RuntimeError):
@@ -243,10 +248,20 @@ VARIANTS: Dict[str, Callable[[BenchConfig, torch.device], nn.Module]] = {
     "reference+compile": build_reference_compiled,
     "mae_fast": build_mae_fast,
     "mae_fast+compile": build_mae_fast_compiled,
+    GRAPH: build_mae_fast,  # the same model; the step is mae_fast.TrainStep (see _Runner)
 }
 
 
-def resolve_variants(cfg: BenchConfig) -> tuple:
+def graph_unavailable(cfg: BenchConfig, distributed: bool = False) -> Optional[str]:
+    """Why the mae_fast+graph variant cannot run with these settings (None: it can)."""
+    if cfg.resolved_dtype() == "fp16":
+        return "mae_fast+graph: TrainStep does not do fp16 loss scaling (use --dtype bf16 or fp32)"
+    if distributed:
+        return "mae_fast+graph: TrainStep does not capture DDP steps (its gradient all-reduce)"
+    return None
+
+
+def resolve_variants(cfg: BenchConfig, distributed: bool = False) -> tuple:
     """(variants to run, {skipped variant: why}). Explicitly asked-for variants are never skipped."""
     if cfg.variants:
         unknown = [v for v in cfg.variants if v not in VARIANTS]
@@ -254,11 +269,19 @@ def resolve_variants(cfg: BenchConfig) -> tuple:
             raise ValueError(f"unknown variant(s) {unknown}; available: {sorted(VARIANTS)}")
         if any(v.startswith("mae_fast") for v in cfg.variants) and VARIANTS["mae_fast"] is build_mae_fast:
             fast_models_module()  # asked for: a clear VariantUnavailable now, before any timing
+        if GRAPH in cfg.variants and graph_unavailable(cfg, distributed):
+            raise VariantUnavailable(graph_unavailable(cfg, distributed))
         return list(dict.fromkeys(cfg.variants)), {}
     names = ["reference", "mae_fast"]
     if cfg.resolved_compile():
         names = ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
     skipped = {}
+    if cfg.resolved_device().type == "cuda":  # the graph variant by default where there are CUDA graphs
+        why = graph_unavailable(cfg, distributed)
+        if why:
+            skipped[GRAPH] = why
+        else:
+            names.append(GRAPH)
     try:
         fast_models_module()
     except VariantUnavailable as e:
@@ -341,20 +364,34 @@ class _Runner:
         model.train()
         self.dims = flops.dims_of(model)
         self.flops_opts = flops_options(name, model)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        self.dtype = cfg.resolved_dtype()
+        self.train_step = None  # mae_fast.TrainStep for the +graph variant
+        graph_opt = dict(fused=True, capturable=True) if name == GRAPH and device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, **graph_opt)
+        if name == GRAPH:
+            from ..train import TrainStep
+
+            self.train_step = TrainStep(model, self.opt, cfg.mask_ratio, amp=self.dtype, cuda_graph=True)
         self.model = _wrap_ddp(model, device) if distributed else model
         self.imgs_pool = imgs_pool
-        self.dtype = cfg.resolved_dtype()
         self.i = 0
         self.times: List[float] = []
         self.events: list = []
         self.peak_bytes = 0
         self.resident_bytes = 0
+        self.allocated_before = 0  # what the process held before this variant was built (CUDA)
+        self.capture_peak_bytes = 0  # +graph: the allocator peak while its step was captured
         self.last_loss: Optional[torch.Tensor] = None
+
+    @property
+    def graphed(self) -> bool:
+        return self.train_step is not None and self.train_step.graphed
 
     def step(self) -> torch.Tensor:
         imgs = self.imgs_pool[self.i % len(self.imgs_pool)]
         self.i += 1
+        if self.train_step is not None:
+            return self.train_step(imgs)
         with _autocast(self.device, self.dtype):
             out = self.model(imgs, mask_ratio=self.cfg.mask_ratio)
         loss = out[0] if isinstance(out, (tuple, list)) else out  # reference: (loss, pred, mask); fast: loss
@@ -362,6 +399,21 @@ class _Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss
+
+    def warm_up(self, n: int, bar=None) -> None:
+        """``n`` untimed steps; the +graph variant steps on until its step is captured, so that every timed
+        step is a replay (its capture peak is recorded: a replay allocates nothing new)."""
+        i = 0
+        while i < n or (self.graphed and not self.train_step.captured):
+            capturing = self.graphed and not self.train_step.captured
+            if capturing:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.step()
+            i += 1
+            if capturing and self.train_step.captured:
+                self.capture_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            if bar:
+                bar(f"{self.name} warm-up", min(i, n), n)
 
     def timed_step(self) -> None:
         cuda = self.device.type == "cuda"
@@ -420,8 +472,9 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     ``peak``: (FLOP/s, source) to reuse instead of measuring (the sweep measures once).
     """
     check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
-    names, skipped = resolve_variants(cfg)
     device = cfg.resolved_device()
+    distributed = _world_size() > 1
+    names, skipped = resolve_variants(cfg, distributed)
     distributed = _dist_setup(device)
     rank = _rank()
     world = _world_size() if distributed else 1
@@ -435,17 +488,16 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
         torch._dynamo.reset()
     dims = cfg.dims()
     imgs_pool = _images(cfg, dims, device, rank)
+    pool_bytes = sum(x.numel() * x.element_size() for x in imgs_pool)
     runners: List[_Runner] = []
     for name in names:
         before = torch.cuda.memory_allocated(device) if cuda else 0
         r = _Runner(name, cfg, device, imgs_pool, distributed)
-        for i in range(cfg.warmup):
-            r.step()
-            if bar:
-                bar(f"{name} warm-up", i + 1, cfg.warmup)
+        r.warm_up(cfg.warmup, bar)
         if cuda:
             torch.cuda.synchronize(device)
             r.resident_bytes = torch.cuda.memory_allocated(device) - before
+            r.allocated_before = before
         runners.append(r)
     if peak is None:
         peak = measure_peak(cfg, device)
@@ -470,20 +522,27 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
             raise RuntimeError(f"{r.name}: the loss is not finite ({loss_value}); the benchmark is meaningless")
         ips = cfg.batch_size / (q["median_ms"] * 1e-3)  # this device
         others = sum(o.resident_bytes for o in runners if o is not r)
+        peak_mem = (r.peak_bytes - others) if cuda else None
+        if r.capture_peak_bytes:  # the graph's activations live in its private pool, allocated at capture
+            peak_mem = max(peak_mem, r.capture_peak_bytes - r.allocated_before + pool_bytes)
         fpi = flops.train_flops(r.dims, cfg.mask_ratio, **r.flops_opts)
+        extra = {}
+        if r.train_step is not None:
+            extra = {"cuda_graph": r.graphed, "graph_captures": r.train_step.captures}
         results.append({
             "variant": r.name,
             "images_per_s": ips,
             "step_ms_median": q["median_ms"],
             "step_ms_p20": q["p20_ms"],
             "step_ms_p80": q["p80_ms"],
-            "peak_mem_bytes": (r.peak_bytes - others) if cuda else None,
+            "peak_mem_bytes": peak_mem,
             "flops_per_image": fpi,
             "tflops_per_s": fpi * ips / 1e12,
             "mfu": fpi * ips / peak_flops,
             "final_loss": loss_value,
             "steps": len(r.times),
             "flops_counting": r.flops_opts,
+            **extra,
         })
     if distributed:
         import torch.distributed as dist
@@ -511,8 +570,13 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
         "timing": "steps of all variants interleaved round by round after per-variant warm-up; median, p20, p80",
         "flops": "analytic matmul FLOPs per image (mae_fast.tools.flops), training = 3x forward",
         "mfu": "flops_per_image * images_per_s (per device) / peak_flops_per_s",
-        "peak_mem": "CUDA only (null on CPU): per variant, the allocator peak during its steps minus the other variants' resident memory",
+        "peak_mem": "CUDA only (null on CPU): per variant, the allocator peak during its steps minus the other "
+                    "variants' resident memory; mae_fast+graph: the larger of that and its peak while the step was captured (a "
+                    "replay allocates nothing: the activations stay in the graph's private memory pool)",
         "compile": "torch.compile(model) in the default mode; the optimizer step is not compiled",
+        "graph": "mae_fast+graph: mae_fast.TrainStep; on CUDA with AdamW(fused=True, capturable=True) and the "
+                 "whole step one CUDA graph replay, every timed step a replay (the other variants: AdamW's default "
+                 "step); on a CPU the same call eagerly, with the other variants' AdamW",
         "mask_ratio_0": "loss over all patches (the reference's masked mean is 0/0 there)",
         "images_per_s": "total over all devices under DDP (per-device values in images_per_s_per_device)",
     }
@@ -573,6 +637,10 @@ def format_results(doc: dict) -> str:
             + f"  ({c['steps']} timed steps each, interleaved, after {c['warmup']} warm-up)")
     lines = [head, report.format_table(rows, VIDEO_COLUMNS if video else TABLE_COLUMNS),
              f"mfu against {_rate(doc['peak_flops_per_s'])} ({doc['peak_source']})"]
+    for r in doc["results"]:
+        if r.get("cuda_graph") is False:
+            lines.append(f"{r['variant']}: ran eagerly (CUDA graphs need a CUDA device): the same TrainStep call, "
+                         "no graph")
     for v, why in doc.get("skipped_variants", {}).items():
         lines.append(f"skipped {v}: {why}")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Subcommands:
   bench    training-step throughput (forward, backward, AdamW step): reference and mae_fast, eager and
-           torch.compile, side by side; images/s, memory, FLOPs, MFU, speedup
+           torch.compile, and mae_fast's step as one CUDA graph, side by side; images/s, memory, FLOPs, MFU,
+           speedup
   sweep    the same over mask ratios x patch sizes; JSON and a PNG plot
   profile  one step of each under torch.profiler: where the time goes, top ops, Chrome traces
   theory   the linear-MAE theory (spatial scale per mask ratio and patch size), when installed
@@ -127,15 +128,17 @@ def add_bench_parser(sub) -> None:
         "bench",
         help="training-step throughput of the MAE (forward, backward, AdamW step)",
         description="Time training steps of the reference and mae_fast, eager and torch.compile (default mode), "
+        "and mae_fast's whole step as one CUDA graph (mae_fast.TrainStep), "
         "interleaved in one process, and print images/s, step time (median, p20, p80), peak memory, FLOPs per "
         "image, MFU and speedup over the reference. Defaults: mae_vit_base_patch16, batch 256, bf16 autocast, "
-        "all four variants on a GPU; mae_vit_tiny_patch8 (64x64 images), batch 32, fp32, eager only on a CPU. "
+        "all five variants on a GPU; mae_vit_tiny_patch8 (64x64 images), batch 32, fp32, eager only on a CPU. "
         "Under torchrun --nproc_per_node=N it runs DDP and reports per-device and total images/s.",
     )
     _common_args(p)
     p.add_argument("--steps", type=_positive_int("--steps"), help="timed steps per variant")
     p.add_argument("--variants", type=_variant_list,
-                   help="comma-separated subset of reference,reference+compile,mae_fast,mae_fast+compile")
+                   help="comma-separated subset of reference,reference+compile,mae_fast,mae_fast+compile,"
+                   "mae_fast+graph")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include the +compile variants (default on a GPU)")

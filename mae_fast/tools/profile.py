@@ -42,7 +42,7 @@ _NAME_RULES = [
     ("patch_embed", re.compile(r"convolution", re.I)),
 ]
 _FAST_OPS = [("masking", "masking"), ("gather", "gather"), ("unshuffle", "unshuffle"), ("normpixloss", "loss"),
-             ("loss", "loss")]
+             ("loss", "loss"), ("layer_norm", "norm"), ("pack_qkv", "attention")]
 
 
 # --------------------------------------------------------------------------- marking the model's parts
@@ -174,8 +174,7 @@ def profile_variant(name: str, cfg: bench.BenchConfig, trace_path: Optional[str]
     dims = cfg.dims()
     imgs = bench._images(cfg, dims, device, 0)  # images, or clips [N, C, T, H, W] for video
     runner = bench._Runner(name, cfg, device, imgs, distributed=False)
-    for _ in range(cfg.warmup):
-        runner.step()
+    runner.warm_up(cfg.warmup)  # a +graph variant: until captured, so that the profiled step is a replay
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)

@@ -154,7 +154,7 @@ def test_registered_backwards_take_zero_gradients(path, record_ops):
                                                                    True, True, True)
         assert not gx.any() and not gpos.any() and not gpre.any()
         gx, gpos, gmask = torch.ops.mae_fast.unshuffle_tokens_backward(torch.zeros(N, 1 + L, D), restore, K, 1,
-                                                                       True, True, True)
+                                                                       True, True, True, torch.float32)
         assert not gx.any() and not gpos.any() and not gmask.any()
         gi = torch.ops.mae_fast.gather_patches_backward(torch.zeros(N, K, 32), ids, 2, 1, 8, 12, 4, 1)
         assert not gi.any()

@@ -182,7 +182,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="outside"):
         ops.gather_patches(vid, ids + 8, 4, t_patch_size=2, check_indices=True)
     with pytest.raises(TypeError, match="imgs must have dtype"):
-        ops.gather_patches(vid.double(), ids, 4, t_patch_size=2)
+        ops.gather_patches(vid.long(), ids, 4, t_patch_size=2)
 
 
 @pytest.mark.gpu

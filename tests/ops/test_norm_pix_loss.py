@@ -795,7 +795,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="mask must be given"):
         norm_pix_loss(pred, imgs, None, p)
     with pytest.raises(TypeError, match="pred must have dtype"):
-        norm_pix_loss(pred.double(), imgs, mask, p)
+        norm_pix_loss(pred.long(), imgs, mask, p)
     with pytest.raises(TypeError, match="imgs must be a torch.Tensor"):
         norm_pix_loss(pred, imgs.numpy(), mask, p)
     with pytest.raises(ValueError, match="imgs must have 4 dims"):

@@ -1,0 +1,117 @@
+"""self_attention: the qkv projection and multi-head attention of a ViT block, with a backward that writes
+dq, dk and dv straight into the packed qkv gradient (no stack and copy) and sums the qkv bias gradient
+in the same pass.
+
+``o = self_attention(x, qkv_weight, qkv_bias, num_heads, scale=None, dropout_p=0.0, backend=None)``:
+qkv = x @ qkv_weight^T + qkv_bias [B, N, 3*D] (q, k, v heads in timm's layout), o = softmax(q k^T * scale) v
+through ``mae_fast.nn.attention`` (``backend``: "auto", "flash", "cudnn", ...; None: the global setting),
+returned as [B, N, D]. The GEMMs follow :func:`mae_fast.ops.linear` (autocast dtype, fp32 weight gradient).
+Kernel: ``kernels/self_attention.py`` (the packed gradient); plain torch path: :func:`pack_qkv_grad_torch`.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mae_fast.kernels import _launch
+from mae_fast.kernels import self_attention as _k
+
+from ._checks import FLOAT_DTYPES, check_shape, check_tensor
+from ._registry import autocast_off, kernel, launch, use_triton, wide
+from .linear import compute_dtype, mm_out
+
+__all__ = ["self_attention", "pack_qkv_grad_torch"]
+
+
+def pack_qkv_grad_torch(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool):
+    """(dqkv [B*N, 3*D] in dq's dtype, dbias [3*D] fp32, or empty without need_bias)."""
+    B, H, N, hd = dq.shape
+    dqkv = torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(B * N, 3 * H * hd)  # [B*N, 3D]
+    dbias = wide(dqkv).sum(0) if need_bias else dqkv.new_empty((0,), dtype=torch.float32)
+    return dqkv, dbias
+
+
+@kernel("pack_qkv_grad")
+def _pack(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool) -> tuple[Tensor, Tensor]:
+    if not use_triton(dq):
+        return pack_qkv_grad_torch(dq, dk, dv, need_bias)
+    B, H, N, hd = dq.shape
+    R = B * N
+    out = torch.empty((R, 3 * H * hd), dtype=dq.dtype, device=dq.device)
+    if out.numel() == 0:
+        return out, torch.zeros((3 * H * hd,) if need_bias else (0,), dtype=torch.float32, device=dq.device)
+    cfg = _launch.row_tiles(R, hd, target_programs=max(1, 2048 // (3 * H)))
+    part = torch.empty((cfg.grid[0], 3 * H * hd) if need_bias else (1,), dtype=torch.float32, device=dq.device)
+    launch(_k.pack_qkv_grad_kernel)[(cfg.grid[0], H, 3)](
+        dq, dk, dv, out, part, R, N, H, hd, cfg.rows, *dq.stride(), *dk.stride(), *dv.stride(),
+        NEED_PART=need_bias, BLOCK_R=cfg.block_r, BLOCK_HD=cfg.block_f, num_warps=cfg.num_warps,
+    )
+    return out, part.sum(0) if need_bias else torch.empty((0,), dtype=torch.float32, device=dq.device)
+
+
+_SECOND_BACKWARD = (
+    "self_attention: backward ran a second time through the same graph (retain_graph=True); the attention's "
+    "saved tensors were freed by the first one. Run the forward again before each backward."
+)
+
+
+class _SelfAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_heads, scale, dropout_p, backend, dtype):
+        from ..nn.attention import attention  # the backend choice (and "auto"'s measurement) lives there
+
+        B, N, C = x.shape
+        hd = C // num_heads
+        with autocast_off(x):
+            x2 = x.reshape(B * N, C).to(dtype)  # [B*N, C]
+            w = weight.to(dtype)  # [3C, C]
+            qkv = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())  # [B*N, 3C]
+            with torch.enable_grad():  # a graph of its own: the attention backend's backward, run in ours
+                leaf = qkv.detach().requires_grad_(True)
+                q, k, v = leaf.view(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd]
+                o = attention(q, k, v, backend=backend, dropout_p=dropout_p, scale=scale)  # [B, H, N, hd]
+        ctx.save_for_backward(x2, w)
+        ctx.graph = (q, k, v, o)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return o.detach().transpose(1, 2).reshape(B, N, C)  # [B, N, C]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x2, w = ctx.saved_tensors
+        if ctx.graph is None:
+            raise RuntimeError(_SECOND_BACKWARD)
+        q, k, v, o = ctx.graph
+        ctx.graph = None  # the attention's own graph is freed by this backward
+        x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        B, H, N, hd = q.shape
+        with autocast_off(dout):
+            do = dout.to(o.dtype).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+            dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+            dqkv, dbias = _pack(dq, dk, dv, bool(need_b and b_dtype is not None))  # [B*N, 3C], [3C]
+            dx = torch.mm(dqkv, w).to(x_dtype).view(x_shape) if need_x else None
+            dw = mm_out(dqkv.t(), x2, w_dtype) if need_w else None
+        return dx, dw, dbias.to(b_dtype) if need_b and b_dtype is not None else None, None, None, None, None, None
+
+
+def self_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], num_heads: int, *,
+                   scale: Optional[float] = None, dropout_p: float = 0.0, backend: Optional[str] = None) -> Tensor:
+    """Multi-head self-attention of x [B, N, C] with the qkv projection qkv_weight [3C, C] (+ qkv_bias [3C])
+    -> [B, N, C] (the input of the output projection) in the GEMM dtype; autograd to x and the qkv
+    parameters."""
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    B, N, C = x.shape
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing C={C}, got {num_heads!r}")
+    check_tensor("qkv_weight", qkv_weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_shape("qkv_weight", qkv_weight, (3 * C, C))
+    if qkv_bias is not None:
+        check_tensor("qkv_bias", qkv_bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+        check_shape("qkv_bias", qkv_bias, (3 * C,))
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return _SelfAttention.apply(x, qkv_weight, qkv_bias, num_heads, scale, dropout_p, backend,
+                                compute_dtype(x, qkv_weight))
