@@ -208,3 +208,34 @@ def test_meta_device_forward_and_backward():
         ops.norm_pix_loss(pred, torch.empty(N, 2, 8, 12, device="meta"), torch.empty(N, 6, device="meta"),
                           4).backward()
         assert pred.grad.shape == pred.shape and pred.grad.dtype == dtype
+
+
+def test_float64_gradients_stay_float64():
+    """float64 runs on the torch path: its gradients, through repeated and invalid ids too, agree with
+    torch.gather's in float64 (to 1e-12), not to fp32's precision."""
+    F64 = torch.float64
+    ids = torch.tensor([[2, 2, 0, 9], [1, 3, 3, 3]])  # repeats, one id outside [0, 6)
+    valid = ids < 6
+    x = randn(2, 6, 5, dtype=F64).requires_grad_(True)
+    g = randn(2, 4, 5, dtype=F64, seed=1)
+    (gx,) = torch.autograd.grad(ops.gather_tokens(x, ids, check_indices=False), x, g)
+    (ref,) = torch.autograd.grad(torch.gather(x, 1, ids.clamp(max=5)[..., None].expand(-1, -1, 5)), x,
+                                 g * valid[..., None])
+    torch.testing.assert_close(gx, ref, rtol=1e-12, atol=1e-12)
+    restore = torch.tensor([[0, 1, 1, 4, 5, 2], [5, 4, 3, 2, 1, 0]])
+    y, mt = randn(2, 1 + 3, 5, dtype=F64).requires_grad_(True), randn(5, dtype=F64).requires_grad_(True)
+    gd = randn(2, 7, 5, dtype=F64, seed=2)
+    got = torch.autograd.grad(ops.unshuffle_tokens(y, restore, mt, check_indices=False), [y, mt], gd)
+    want = torch.autograd.grad(reference.decoder_input(y, restore, mt), [y, mt], gd)
+    for a, b in zip(got, want):
+        assert a.dtype == F64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    imgs = torch.rand(2, 3, 8, 12, dtype=F64).requires_grad_(True)
+    pred = randn(2, 3, 48, dtype=F64).requires_grad_(True)
+    ids_m = torch.tensor([[0, 2, 5], [1, 1, 4]])
+    loss = ops.norm_pix_loss(pred, imgs, None, 4, ids_masked=ids_m, check=False)
+    target = reference.patchify(imgs, 4).gather(1, ids_m[..., None].expand(-1, -1, 48))
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    ref_loss = ((pred - target) ** 2).mean()
+    for a, b in zip(torch.autograd.grad(loss, [pred, imgs]), torch.autograd.grad(ref_loss, [pred, imgs])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
