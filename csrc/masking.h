@@ -33,8 +33,9 @@ inline void check_sizes(int64_t batch_size, int64_t spatial_tokens, int64_t spat
   TORCH_CHECK_VALUE(spatial_tokens >= 1, "spatial_tokens must be >= 1, got ", num(spatial_tokens));
   TORCH_CHECK_VALUE(spatial_tokens <= (int64_t(1) << 31), "spatial_tokens must be <= 2**31, got ", num(spatial_tokens));
   TORCH_CHECK_VALUE(frames >= 1, "frames must be >= 1, got ", num(frames));
-  TORCH_CHECK_VALUE(spatial_keep >= 1 && spatial_keep <= spatial_tokens,
-                    "spatial_keep must be in [1, spatial_tokens=", num(spatial_tokens), "], got ", num(spatial_keep));
+  // spatial_keep == 0 keeps nothing (ids_keep [N, 0]): the official model then encodes the cls token alone
+  TORCH_CHECK_VALUE(spatial_keep >= 0 && spatial_keep <= spatial_tokens,
+                    "spatial_keep must be in [0, spatial_tokens=", num(spatial_tokens), "], got ", num(spatial_keep));
 }
 
 inline void check_noise(const at::Tensor& noise, int64_t spatial_keep, int64_t frames) {

@@ -5,17 +5,22 @@ Forward:  imgs [N, C, T, H, W] (an image [N, C, H, W] is T = u = 1, time stride 
           -> out [N, K, C*u*p*p]
           out[n, k, ((c*u + f)*p + i)*p + j] = imgs[n, c, s*u + f, r*p + i, q*p + j]
           with token ids_keep[n, k] = (s, r, q): s = l // (h*w), r = (l % (h*w)) // w, q = l % w
+          A token id outside [0, L) names no patch: its row is NaN (no out-of-bounds or other-sample read,
+          no extra bytes: the range test masks the load it already guards).
 Backward: one program per (token of the grid, E block): grad_imgs is written exactly once, from the
-          visible token's gradient row or zeros (inverse map inv [N, L]: k or -1), so no atomics.
+          visible token's gradient row or zeros (inverse map code [N, L] of ``index_map.py``), so no
+          atomics; a token named by several rows gets the sum over its chain, in ascending k.
 """
 import triton
 import triton.language as tl
+
+from .index_map import first_and_chain
 
 
 @triton.jit
 def gather_patches_fwd_kernel(
     img_ptr, ids_ptr, out_ptr,
-    R, K, E, WP, HWP,  # R = N*K rows, E = C*u*p*p, WP = W // p, HWP = (H // p) * (W // p) tokens per slot
+    R, K, E, WP, HWP, L,  # R = N*K rows, E = C*u*p*p, WP = W // p, HWP = (H // p) * (W // p) tokens per slot
     sin, sic, sit, sih, siw,  # sit: time stride (0 for an image)
     sdn, sdk,
     PATCH: tl.constexpr, TUBE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -27,6 +32,7 @@ def gather_patches_fwd_kernel(
     n = rows // K
     k = rows % K
     t = tl.load(ids_ptr + n * sdn + k * sdk, mask=row_ok, other=0).to(tl.int64)  # [BR] token index
+    t_ok = (t >= 0) & (t < L)
     s = t // HWP  # tubelet slot in time
     ph = (t % HWP) // WP
     pw = t % WP
@@ -37,14 +43,15 @@ def gather_patches_fwd_kernel(
     base = n * sin + s * (TUBE * sit) + ph * (PATCH * sih) + pw * (PATCH * siw)  # [BR]
     src = base[:, None] + (c.to(tl.int64) * sic + f * sit + i * sih + j * siw)[None, :]
     m = row_ok[:, None] & e_ok[None, :]
-    v = tl.load(img_ptr + src, mask=m, other=0.0)
-    tl.store(out_ptr + rows[:, None] * E + e[None, :], v, mask=m)
+    v = tl.load(img_ptr + src, mask=m & t_ok[:, None], other=0.0)
+    v = tl.where(t_ok[:, None], v, float("nan"))
+    tl.store(out_ptr + rows[:, None] * E + e[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def gather_patches_bwd_kernel(
-    g_ptr, inv_ptr, gi_ptr,
-    R, L, E, WP, HWP, T, H, W,  # R = N*L tokens of the grid, T frames (1 for an image)
+    g_ptr, code_ptr, nxt_ptr, gi_ptr,
+    R, L, K, E, WP, HWP, T, H, W,  # R = N*L tokens of the grid, K ids per sample, T frames (1 for an image)
     sgn, sgk, sge,
     PATCH: tl.constexpr, TUBE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -54,10 +61,16 @@ def gather_patches_bwd_kernel(
     e_ok = e < E
     n = rows // L
     t = rows % L
-    k = tl.load(inv_ptr + rows, mask=row_ok, other=-1).to(tl.int64)  # [BR] -1: removed token
-    hit = k >= 0
+    code = tl.load(code_ptr + rows, mask=row_ok, other=2147483647)  # [BR]
+    k, hit, nk = first_and_chain(code, nxt_ptr + n * K, row_ok)  # no hit: a removed token
     g = tl.load(g_ptr + (n * sgn + k * sgk)[:, None] + e[None, :] * sge,
-                mask=hit[:, None] & e_ok[None, :], other=0.0)
+                mask=hit[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+    while tl.max(nk, axis=0) >= 0:  # only where ids repeat a token
+        more = nk >= 0
+        k2 = nk.to(tl.int64)
+        g += tl.load(g_ptr + (n * sgn + k2 * sgk)[:, None] + e[None, :] * sge,
+                     mask=more[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+        nk = tl.load(nxt_ptr + n * K + k2, mask=more, other=-1)
     s = t // HWP
     ph = (t % HWP) // WP
     pw = t % WP

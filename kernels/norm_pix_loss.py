@@ -26,14 +26,20 @@ order: loss = sum / den. No float atomics anywhere: the result is deterministic.
 
 fp16 (``PRESCALE``): grad1 is of the order 1 / (D * den) (about 1e-7 at N=256, p=16), below fp16's
 smallest normal (6.1e-5): stored as is it would keep 1 to 3 significant bits, and a GradScaler's
-grad_output of 65536 would scale that noise. fp16 buffers therefore hold grad1 * s with s a power of
-two near D * den / 8 (values of the order of diff), and ``_finish_kernel`` writes
-``unscale`` = 1 / s (exact); ``unscale`` is 1 for fp32 and bf16.
+grad_output of 65536 would scale that noise. fp16 buffers therefore hold each row times its own power of
+two s_row, chosen from the row's largest |grad1| (NaN ignored) so that it lands in [2**14, 2**15): every
+row keeps fp16's full precision and none overflows, whatever |pred - target| is (a global scale would
+overflow the buffer once |pred - target| passes about 2.6e5, where the true gradient still fits in fp16).
+The forward writes ``unscale[row]`` = 1 / s_row (exact; fp32, 4 bytes per row of D values). ``unscale``
+is a single 1 for fp32 and bf16.
 
-Backward (``_scale_kernel``): grad_pred = gbuf * (grad_output * unscale), computed in fp32. In place
-(eager path) every program loads the two scalars and returns at once when the factor is exactly 1
-(grad_output == 1 in fp32/bf16): no bytes move, no host sync. Out of place (the registered op) it
-always writes a new tensor.
+An ``ids`` value outside [0, L) names no patch: that row's target is NaN (no out-of-bounds or other-sample
+read; the range test masks the load it already guards), so the loss and that row's gradient are NaN.
+
+Backward (``_scale_kernel``): grad_pred = gbuf * (grad_output * unscale), computed in fp32 (``ROWS``: the
+row's unscale). In place (eager path) every program loads the two scalars and returns at once when the
+factor is exactly 1 (grad_output == 1 in fp32/bf16): no bytes move, no host sync. Out of place (the
+registered op) it always writes a new tensor.
 """
 from __future__ import annotations
 
@@ -44,11 +50,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _pow2_scale(den, D: tl.constexpr):
-    """s for fp16 buffers: the power of two in (D*den/8, D*den/4], or 1 where D*den/4 < 1 or not finite."""
-    x = (den * (D * 0.25)).to(tl.float32)
-    p2 = (x.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # exponent bits only
-    return tl.where((x >= 1.0) & (x < 1e30), p2, 1.0)
+def _row_scale(amax):
+    """(s, 1 / s) for fp16 rows: powers of two with amax * s in [2**14, 2**15) (exponents kept in [-126, 126],
+    so both are normal fp32 numbers); 1 where amax is 0 or not finite."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax)) for a normal amax
+    k = tl.minimum(tl.maximum(14 - e, -126), 126)
+    k = tl.where((amax > 0.0) & (e < 128), k, 0)
+    s = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    return s, inv
 
 
 @triton.jit
@@ -64,7 +74,7 @@ def _den_kernel(w_ptr, den_ptr, T, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    pred_ptr, imgs_ptr, w_ptr, ids_ptr, den_ptr, grad_ptr, part_ptr,
+    pred_ptr, imgs_ptr, w_ptr, ids_ptr, den_ptr, grad_ptr, unscale_ptr, part_ptr,
     R, LP, L, HW, GW,
     sp_n, sp_l, sp_d,
     si_n, si_c, si_t, si_h, si_w,
@@ -99,8 +109,10 @@ def _fwd_kernel(
         m = rows % LP
         if HAS_IDS:
             l = tl.load(ids_ptr + n * sid_n + m * sid_m, mask=row_ok, other=0).to(tl.int64)
+            l_ok = (l >= 0) & (l < L)
         else:
             l = m
+            l_ok = row_ok
         if HAS_W:
             w = tl.load(w_ptr + n * L + l, mask=row_ok, other=0.0).to(tl.float32)
         else:
@@ -111,8 +123,8 @@ def _fwd_kernel(
         pj = l % GW
         img_row = n * si_n + (ps * U) * si_t + (pi * P) * si_h + (pj * P) * si_w  # [BLOCK_P]
         ok = active[:, None, None] & lane_ok[None, :, :]  # [BLOCK_P, PP_PAD, C_PAD]
-        t = tl.load(imgs_ptr + img_row[:, None, None] + img_lane[None, :, :], mask=ok, other=0.0)
-        t = t.to(tl.float32)
+        t = tl.load(imgs_ptr + img_row[:, None, None] + img_lane[None, :, :], mask=ok & l_ok[:, None, None], other=0.0)
+        t = tl.where(l_ok[:, None, None], t.to(tl.float32), float("nan"))  # an id outside [0, L): no target
         x = tl.load(pred_ptr + (n * sp_n + m * sp_l)[:, None, None] + d64[None, :, :] * sp_d, mask=ok, other=0.0)
         x = x.to(tl.float32)
         if NORM:
@@ -128,9 +140,12 @@ def _fwd_kernel(
         if WRITE_GRAD:
             coef = w / den  # [BLOCK_P]; 0 (NaN where den == 0) for w == 0 rows
             g = tl.where(active[:, None, None], diff * (coef * (2.0 / D))[:, None, None], coef[:, None, None])
-            if PRESCALE:
-                g = g * _pow2_scale(den, D)  # exact: a power of two
             out_ok = row_ok[:, None, None] & lane_ok[None, :, :]  # every row, counted or not
+            if PRESCALE:
+                mag = tl.where(out_ok & (g == g), tl.abs(g), 0.0)  # NaN ignored, the same on every backend
+                s_row, inv_row = _row_scale(tl.max(tl.max(mag, axis=2), axis=1))  # [BLOCK_P]
+                g = g * s_row[:, None, None]  # exact: a power of two
+                tl.store(unscale_ptr + rows, inv_row, mask=row_ok)
             tl.store(grad_ptr + (rows * D)[:, None, None] + d64[None, :, :], g.to(grad_ptr.dtype.element_ty),
                      mask=out_ok)
         acc_loss += tl.where(active, row_loss * w, 0.0)
@@ -139,8 +154,8 @@ def _fwd_kernel(
 
 @triton.jit
 def _finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
-                   D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, PRESCALE: tl.constexpr):
-    """loss = sum(loss partials) / den; unscale = 1 / s (1 unless PRESCALE)."""
+                   BLOCK: tl.constexpr, HAS_W: tl.constexpr, PRESCALE: tl.constexpr):
+    """loss = sum(loss partials) / den; unscale = 1 unless PRESCALE (then the forward wrote it per row)."""
     offs = tl.arange(0, BLOCK)
     acc_loss = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, G, BLOCK):
@@ -152,28 +167,33 @@ def _finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
     else:
         den = tl.zeros([], dtype=tl.float32) + R
     tl.store(loss_ptr, total / den)
-    if PRESCALE:
-        tl.store(unscale_ptr, 1.0 / _pow2_scale(den, D))
-    else:
+    if not PRESCALE:
         tl.store(unscale_ptr, tl.full([], 1.0, tl.float32))
 
 
 @triton.jit
-def _scale_kernel(src_ptr, go_ptr, unscale_ptr, out_ptr, T,
-                  BLOCK: tl.constexpr, ITERS: tl.constexpr, IN_PLACE: tl.constexpr):
-    """out = src * (grad_output * unscale) over T values; in place: nothing at all when the factor is 1."""
+def _scale_kernel(src_ptr, go_ptr, unscale_ptr, out_ptr, T, D,
+                  BLOCK: tl.constexpr, ITERS: tl.constexpr, IN_PLACE: tl.constexpr, ROWS: tl.constexpr):
+    """out = src * (grad_output * unscale) over T values (``ROWS``: unscale per row of D values); in place
+    and without ROWS: nothing at all when the factor is 1."""
     pid = tl.program_id(0)
-    factor = tl.load(go_ptr).to(tl.float32) * tl.load(unscale_ptr).to(tl.float32)
-    if IN_PLACE:
-        if factor == 1.0:
-            return
+    go = tl.load(go_ptr).to(tl.float32)
+    if not ROWS:
+        factor = go * tl.load(unscale_ptr).to(tl.float32)
+        if IN_PLACE:
+            if factor == 1.0:
+                return
     base = pid.to(tl.int64) * (BLOCK * ITERS)
     offs = tl.arange(0, BLOCK).to(tl.int64)  # [BLOCK]
     for it in range(ITERS):
         idx = base + it * BLOCK + offs
         ok = idx < T
         v = tl.load(src_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + idx, (v * factor).to(out_ptr.dtype.element_ty), mask=ok)
+        if ROWS:
+            v = v * (go * tl.load(unscale_ptr + idx // D, mask=ok, other=1.0))
+        else:
+            v = v * factor
+        tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 class FwdConfig(NamedTuple):

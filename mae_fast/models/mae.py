@@ -14,7 +14,8 @@ model, so checkpoints and optimizer state line up. One training step:
 
 ``forward`` returns (loss, pred, mask) with pred for every patch, as the official model; ``forward_train``
 returns the loss only and runs decoder_norm/decoder_pred on the removed tokens only (the same loss). At
-mask ratio 0 the loss is the mean over all patches (the official one divides by zero). Video
+mask ratio 0 the loss is the mean over all patches (the official one divides by zero). As the official model,
+a ratio that keeps no patch encodes the cls token alone, and an empty batch gives a NaN loss. Video
 (``num_frames=T, t_patch_size=u``, ``tube_masking``): clips [N, C, T, H, W], space-time tubelet tokens.
 
 float64 models run the same steps, on the ops' plain torch path.
@@ -30,7 +31,7 @@ from .. import ops
 from ..nn import Block, PatchEmbed
 from ..nn.fused import kernels_apply, run_blocks
 from ..nn.pos_embed import sincos_pos_embed
-from ..ops._checks import check_indices_enabled
+from ..ops._checks import check_indices_enabled, check_ratio
 from ..ops._registry import autocast_dtype, dispatching
 
 
@@ -93,8 +94,7 @@ class FastMAEMethods:
 
     # -- the pieces
     def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
-        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+        mask_ratio = check_ratio("mask_ratio", mask_ratio)  # a float, numpy scalar or 0-d tensor in [0, 1)
         self.patch_embed.check_input(imgs)
         # non-finite pixels would only show up as a NaN loss steps later; say so now where it is free
         # of a device sync (CPU), or when asked (MAE_FAST_CHECK_INDICES=1 on CUDA)
@@ -107,7 +107,8 @@ class FastMAEMethods:
     def _masks(self, N: int, L: int, mask_ratio: float, device, noise: Optional[torch.Tensor]):
         if noise is None and self.official_noise:
             noise = torch.rand(N, L // self.mask_frames, device=device)  # the official draw
-        return ops.random_masking(N, L, float(mask_ratio), device=device, noise=noise, frames=self.mask_frames)
+        return ops.random_masking(N, L, check_ratio("mask_ratio", mask_ratio), device=device, noise=noise,
+                                  frames=self.mask_frames)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
         """The official signature: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
@@ -149,6 +150,8 @@ class FastMAEMethods:
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The official loss, fused: read straight from imgs, gradient computed in the same pass."""
+        if pred.shape[0] == 0:  # an empty batch: NaN (0 / 0) as the official loss, zero parameter gradients
+            return pred.sum(dtype=torch.float64 if pred.dtype == torch.float64 else torch.float32) * float("nan")
         return ops.norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=bool(self.norm_pix_loss),
                                  t_patch_size=self.t_patch_size)
 
@@ -164,7 +167,7 @@ class FastMAEMethods:
         """The loss only, with decoder_norm and decoder_pred applied to removed tokens only (same loss)."""
         m = self._masking(imgs, mask_ratio, noise)
         K, L = m.ids_keep.shape[1], m.ids_restore.shape[1]
-        if K == L:  # nothing removed: the loss is over every patch, as in forward
+        if K == L or imgs.shape[0] == 0:  # nothing removed (a loss over every patch) or no sample: as forward
             return self.forward(imgs, mask_ratio, noise)[0]
         latent = self._encode(imgs, m.ids_keep, out_dtype=_gemm_dtype(imgs))  # [N, 1+K, D], for decoder_embed
         x = self._decode_tokens(latent, m.ids_restore)  # [N, 1+L, Dd]

@@ -104,6 +104,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        _check_tokens(x, self.qkv.in_features)
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None  # [B, N, H*hd]
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
@@ -252,6 +253,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                  is_causal: bool = False) -> torch.Tensor:
+        _check_tokens(x, self.attn.qkv.in_features)
         if attn_mask is None and not is_causal and unfused_reason(self, x) is None:
             return fused_forward(self, x)  # the same block through mae_fast's fused ops (mae_fast.nn.fused)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
@@ -442,3 +444,11 @@ class PatchEmbed(nn.Module):
         if patches.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
             raise TypeError(f"imgs dtype {imgs.dtype} differs from the patch embedding weight dtype {weight.dtype}")
         return self.norm(F.linear(patches, weight, self.proj.bias))  # [N, K, D]
+
+
+def _check_tokens(x: torch.Tensor, dim: int) -> None:
+    """Attention and Block take tokens [B, N, dim]; anything else is a ValueError saying so."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of tokens [B, N, {dim}], got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"x must be tokens [B, N, {dim}] (batch, tokens, dim), got shape {list(x.shape)}")

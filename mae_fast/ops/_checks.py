@@ -1,20 +1,58 @@
 """Input checks shared by the public ops: each raises TypeError/ValueError naming the argument."""
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Iterable, Optional
 
 import torch
 
+from ._registry import dispatching
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def check_indices_enabled(flag: Optional[bool] = None) -> bool:
-    """Range-check index tensors? An explicit argument wins, else ``MAE_FAST_CHECK_INDICES=1``."""
+def check_indices_enabled(flag: Optional[bool] = None, device: Optional[torch.device] = None) -> bool:
+    """Run the checks that read index values (a device sync on CUDA)? An explicit argument wins, then
+    ``MAE_FAST_CHECK_INDICES`` (``1`` on, ``0`` off), then the device: on for CPU tensors (no sync to pay),
+    off elsewhere. Never while torch.compile traces or a TorchDispatchMode is on (the values are not there)."""
+    if dispatching():
+        return False
     if flag is not None:
         return bool(flag)
-    return os.environ.get("MAE_FAST_CHECK_INDICES", "0") == "1"
+    env = os.environ.get("MAE_FAST_CHECK_INDICES")
+    if env in ("0", "1"):
+        return env == "1"
+    return device is not None and torch.device(device).type == "cpu"
+
+
+def _as_python_scalar(value):
+    """A 0-d tensor or 0-d numpy value as the Python number it holds; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def check_number(name: str, value, *, minimum: Optional[float] = None) -> float:
+    """A real number (Python, numpy, or a 0-d tensor) as a float; TypeError/ValueError naming it."""
+    value = _as_python_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if minimum is not None and not value >= minimum:  # also rejects NaN
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_ratio(name: str, value) -> float:
+    """A ratio in [0, 1) as a float (Python, numpy, 0-d tensor); TypeError/ValueError naming it."""
+    value = check_number(name, value)
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
 
 
 def _fmt_shape(shape: Iterable) -> str:

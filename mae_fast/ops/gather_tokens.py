@@ -2,19 +2,21 @@
 
 x [N, L, D], ids_keep [N, K] -> [N, P+K, D]: out[n, :P] = prefix[0]; out[n, P+k] = x[n, ids_keep[n, k]]
 (+ pos_embed[0, ids_keep[n, k]]). Kernels: ``kernels/gather_tokens.py``; plain torch path:
-:func:`gather_tokens_torch` / :func:`gather_tokens_backward_torch`.
+:func:`gather_tokens_torch` / :func:`gather_tokens_backward_torch`. Any ids are safe (``_indices.py``): one
+outside [0, L) gives a NaN row, a repeated one the summed gradient.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mae_fast.kernels import _launch
 from mae_fast.kernels import gather_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
-from ._registry import cdiv, inverse_map, kernel, launch, no_grad_placeholder, unused_pointer, use_triton, wide
+from ._indices import index_map, poison_rows, valid_and_clamped
+from ._registry import (cdiv, kernel, launch, no_grad_placeholder, once_differentiable, unused_pointer, use_triton,
+                        wide)
 
 __all__ = ["gather_tokens", "gather_tokens_torch", "gather_tokens_backward_torch"]
 
@@ -22,10 +24,11 @@ __all__ = ["gather_tokens", "gather_tokens_torch", "gather_tokens_backward_torch
 def gather_tokens_torch(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor], prefix: Optional[Tensor]) -> Tensor:
     """Plain torch forward (the CPU path and the oracle); position add in fp32, one rounding."""
     N, L, D = x.shape
-    idx = ids_keep.long()  # [N, K]
-    out = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # [N, K, D]
+    valid, idx, all_valid = valid_and_clamped(ids_keep, L)  # [N, K]
+    out = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # [N, K, D], a new tensor
     if pos_embed is not None:
         out = (wide(out) + wide(pos_embed[0])[idx]).to(x.dtype)  # [N, K, D]
+    out = poison_rows(out, valid, all_valid)
     if prefix is not None:
         out = torch.cat([prefix.to(x.dtype).expand(N, -1, -1), out], dim=1)  # [N, P+K, D]
     return out.contiguous()
@@ -35,11 +38,15 @@ def gather_tokens_backward_torch(grad: Tensor, ids_keep: Tensor, L: int, P: int,
                                  need_prefix: bool):
     """(grad_x [N, L, D], grad_pos [1, L, D] fp32, grad_prefix [1, P, D] fp32); unneeded ones empty."""
     N, _, D = grad.shape
-    gx = torch.zeros(N, L, D, dtype=grad.dtype, device=grad.device)
-    gx.scatter_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, D), grad[:, P:])  # [N, L, D]
-    gpos = wide(gx).sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)
+    valid, idx, all_valid = valid_and_clamped(ids_keep, L)  # [N, K]
+    g = wide(grad[:, P:])  # [N, K, D] (fp32, float64 for float64)
+    if not all_valid:
+        g = g.masked_fill(~valid.unsqueeze(-1), 0.0)  # an invalid id's row fed no input
+    gx = torch.zeros(N, L, D, dtype=g.dtype, device=grad.device)
+    gx.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, D), g)  # [N, L, D]: repeated ids add up
+    gpos = gx.sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)
     gpre = wide(grad[:, :P]).sum(0, keepdim=True) if need_prefix else no_grad_placeholder(grad)
-    return (gx if need_x else grad.new_empty((0,))), gpos, gpre
+    return (gx.to(grad.dtype) if need_x else grad.new_empty((0,))), gpos, gpre
 
 
 @kernel("gather_tokens")
@@ -57,7 +64,7 @@ def _forward(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor], prefix: O
     pre = prefix if prefix is not None else x
     launch(_k.gather_tokens_fwd_kernel)[(cdiv(N * T, cfg.block_rows), cdiv(D, cfg.block_cols))](
         x, ids_keep, pos, pre, out,
-        N * T, T, P, D,
+        N * T, T, P, D, x.shape[1],
         x.stride(0), x.stride(1), x.stride(2),
         ids_keep.stride(0), ids_keep.stride(1),
         pos.stride(1), pos.stride(2),
@@ -82,9 +89,10 @@ def _backward(grad: Tensor, ids_keep: Tensor, L: int, P: int, need_x: bool, need
     cfg = _launch.column_split(N, P + L, D)
     part = torch.empty((cfg.splits, P + L, D) if need_pos or need_prefix else (1,), dtype=torch.float32,
                        device=grad.device)
+    code, nxt = index_map(ids_keep, L)  # [N, L], [N, K]
     launch(_k.gather_tokens_bwd_kernel)[(P + L, cdiv(D, cfg.block_d), cfg.splits)](
-        grad, inverse_map(ids_keep, L), gx if need_x else unused_pointer(grad), part,
-        N, L, P, D, cfg.chunk_n,
+        grad, code, nxt, gx if need_x else unused_pointer(grad), part,
+        N, L, P, ids_keep.shape[1], D, cfg.chunk_n,
         grad.stride(0), grad.stride(1), grad.stride(2),
         NEED_X=need_x, NEED_POS=need_pos, NEED_PREFIX=need_prefix,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
@@ -104,7 +112,7 @@ class _GatherTokens(torch.autograd.Function):
         return _forward(x, ids_keep, pos_embed, prefix)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("gather_tokens")
     def backward(ctx, grad):
         (ids_keep,) = ctx.saved_tensors
         x_dtype, pos_dtype, prefix_dtype = ctx.dtypes
@@ -121,6 +129,10 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor] = Non
 
     x [N, L, D], ids_keep [N, K] int32/int64 (distinct entries of [0, L) per row), pos_embed [1, L, D],
     prefix [1, P, D] -> [N, P+K, D] in x's dtype; autograd to x, pos_embed and prefix.
+
+    ``check_indices`` (default: on for CPU tensors, else ``MAE_FAST_CHECK_INDICES``): a ValueError for ids
+    outside [0, L) or repeated in a row (a device sync on CUDA). Unchecked, an id outside [0, L) gives a NaN
+    row and a repeated id the summed gradient (as torch.gather), on every path.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     N, L, D = x.shape
@@ -134,6 +146,6 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor] = Non
     if prefix is not None:
         check_tensor("prefix", prefix, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("prefix", prefix, (1, None, D))
-    if check_indices_enabled(check_indices):
+    if check_indices_enabled(check_indices, x.device):
         check_distinct_rows("ids_keep", ids_keep, L)
     return _GatherTokens.apply(x, ids_keep, pos_embed, prefix)

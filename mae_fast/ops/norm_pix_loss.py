@@ -13,13 +13,13 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mae_fast.kernels import norm_pix_loss as _k
 
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_clip_grid, check_index_range, check_indices_enabled,
-                      check_same_device, check_shape, check_tensor)
-from ._registry import dispatching, kernel, launch, use_triton, wide
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled,
+                      check_number, check_same_device, check_shape, check_tensor)
+from ._indices import valid_and_clamped
+from ._registry import autocast_off, dispatching, kernel, launch, once_differentiable, use_triton, wide
 
 __all__ = ["norm_pix_loss", "norm_pix_loss_torch", "norm_pix_loss_forward_torch", "norm_pix_loss_forward_triton"]
 
@@ -35,25 +35,40 @@ def _patch_targets(imgs: Tensor, p: int, u: int = 1, dtype: torch.dtype = torch.
     return x.reshape(n, (t // u) * (h // p) * (w // p), u * p * p * c)  # [N, L, D]
 
 
-def _pow2_scale_torch(den: Tensor, d: int) -> Tensor:
-    """The kernels' fp16 prescale s (``_pow2_scale``): a power of two in (D*den/8, D*den/4], else 1."""
-    x = den.float().reshape(()) * (d * 0.25)
-    p2 = (x.view(torch.int32) & 0x7F800000).view(torch.float32)  # exponent bits only
-    return torch.where((x >= 1.0) & (x < 1e30), p2, 1.0)
+def _row_scale_torch(g: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernels' fp16 row scale (``_row_scale``): (s, 1 / s) [N, Lp, 1] fp32 powers of two with each row's
+    largest |g| (NaN ignored) times s in [2**14, 2**15); 1 for a row of zeros or with an infinity."""
+    amax = torch.where(torch.isnan(g), 0.0, g.abs()).amax(-1, keepdim=True).float()  # [N, Lp, 1]
+    e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2(amax)) for a normal amax
+    k = torch.where((amax > 0) & (e < 128), (14 - e).clamp(-126, 126), 0)
+    return ((k + 127) << 23).view(torch.float32), ((127 - k) << 23).view(torch.float32)
+
+
+def _targets_at(t: Tensor, ids: Tensor) -> Tensor:
+    """t [N, L, D] -> the rows named by ids [N, M]; NaN rows for ids outside [0, L) (a new tensor)."""
+    n, m = ids.shape
+    valid, idx, all_valid = valid_and_clamped(ids, t.shape[1])
+    out = t.gather(1, idx[:, :, None].expand(n, m, t.shape[-1]))  # [N, M, D]
+    return out if all_valid else torch.where(valid[:, :, None], out, float("nan"))
 
 
 def norm_pix_loss_forward_torch(pred, imgs, weight, ids, p: int, norm_pix: bool, eps: float, u: int = 1,
                                 write_grad: bool = True):
-    """(loss [], gbuf [N, Lp, D] in pred's dtype (empty without write_grad), unscale []), in fp32 (float64
-    when pred or imgs is float64).
+    """(loss [], gbuf [N, Lp, D] in pred's dtype (empty without write_grad), unscale: [] or, for an fp16 gbuf,
+    one per row [N, Lp, 1]), in fp32 (float64 when pred or imgs is float64).
 
     Works in place on its own target copy: statistics, normalisation, diff and gradient reuse it.
     """
+    with autocast_off(pred):  # fp32 math whatever autocast says, as the kernels
+        return _forward_torch(pred, imgs, weight, ids, p, norm_pix, eps, u, write_grad)
+
+
+def _forward_torch(pred, imgs, weight, ids, p, norm_pix, eps, u, write_grad):
     n, lp, d = pred.shape
     acc = torch.float64 if torch.float64 in (pred.dtype, imgs.dtype) else torch.float32
     t = _patch_targets(imgs, p, u, acc)  # [N, L, D]
     if ids is not None:
-        t = t.gather(1, ids.long()[:, :, None].expand(n, lp, d))  # [N, M, D], a new tensor
+        t = _targets_at(t, ids)  # [N, M, D], a new tensor
         w = torch.ones(n, lp, dtype=acc, device=pred.device)  # [N, M]
         den = torch.full((), float(n * lp), dtype=acc, device=pred.device)  # N * M, no reduction
     else:
@@ -75,10 +90,33 @@ def norm_pix_loss_forward_torch(pred, imgs, weight, ids, p: int, norm_pix: bool,
     if ids is None:  # rows with w == 0: w / den (0, or NaN where den == 0), whatever pred/imgs hold there
         grad1.masked_fill_(~active[:, :, None], torch.zeros((), device=den.device) / den)
     if pred.dtype == torch.float16:
-        s = _pow2_scale_torch(den, d)
+        s, unscale = _row_scale_torch(grad1)
         grad1.mul_(s)
-        unscale = 1.0 / s
     return loss, grad1.to(pred.dtype), unscale
+
+
+def _loss_autograd(pred, imgs, weight, ids, p, norm_pix, eps, u):
+    """The same loss by autograd through the plain formula: the path when imgs needs a gradient (the
+    reference differentiates through the normalised target). Rows with weight 0 are not used, as in the
+    kernels; ids outside [0, L) give NaN rows, repeated ids add their gradients into imgs."""
+    with autocast_off(pred):  # fp32 math whatever autocast says, as the kernels
+        acc = torch.float64 if torch.float64 in (pred.dtype, imgs.dtype) else torch.float32
+        t = _patch_targets(imgs, p, u, acc)  # [N, L, D], differentiable
+        if ids is not None:
+            t = _targets_at(t, ids)  # [N, M, D]
+            w = torch.ones(ids.shape, dtype=acc, device=pred.device)
+            den = float(ids.numel())
+        else:
+            w = weight.to(acc)
+            den = w.sum()
+        active = (w != 0)[:, :, None]  # [N, Lp, 1]
+        t = torch.where(active, t, 0.0)  # an unused patch is not read (no NaN from it reaches a gradient)
+        if norm_pix:
+            var, mean = torch.var_mean(t, dim=-1, keepdim=True)  # unbiased
+            t = (t - mean) * torch.rsqrt(var + eps)
+        diff = torch.where(active, pred.to(acc) - t, 0.0)
+        row = (diff * diff).mean(-1)  # [N, Lp]
+        return (row * w).sum() / den
 
 
 def norm_pix_loss_torch(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6, ids_masked=None, *, t_patch_size=1):
@@ -105,9 +143,9 @@ def norm_pix_loss_forward_triton(pred, imgs, weight, ids, p: int, norm_pix: bool
     fwd = configs.get("fwd") or _k.fwd_config(rows, p, c, u)
     part = torch.empty((fwd.grid,), dtype=torch.float32, device=dev)  # [G] loss partials
     loss = torch.empty((), dtype=torch.float32, device=dev)
-    unscale = torch.empty((), dtype=torch.float32, device=dev)
+    has_w, has_ids, prescale = weight is not None, ids is not None, pred.dtype == torch.float16 and write_grad
+    unscale = torch.empty((n, lp, 1) if prescale else (), dtype=torch.float32, device=dev)  # per row for fp16
     gbuf = torch.empty((n, lp, d) if write_grad else (0,), dtype=pred.dtype, device=dev)  # [N, Lp, D]
-    has_w, has_ids, prescale = weight is not None, ids is not None, pred.dtype == torch.float16
     if has_w:  # den = sum(weight), needed by every program of the main kernel
         den = torch.empty((), dtype=torch.float32, device=dev)
         cfg = configs.get("den") or _k.den_config(weight.numel())
@@ -116,7 +154,8 @@ def norm_pix_loss_forward_triton(pred, imgs, weight, ids, p: int, norm_pix: bool
         den = part  # unused: den = N * M is computed in the kernels
     sid_n, sid_m = (ids.stride(0), ids.stride(1)) if has_ids else (0, 0)
     launch(_k._fwd_kernel)[(fwd.grid,)](
-        pred, imgs, weight if has_w else part, ids if has_ids else part, den, gbuf if write_grad else part, part,
+        pred, imgs, weight if has_w else part, ids if has_ids else part, den, gbuf if write_grad else part,
+        unscale if prescale else part, part,
         rows, lp, (t // u) * hw, hw, gw,
         pred.stride(0), pred.stride(1), pred.stride(2),
         imgs.stride(0), imgs.stride(1), si_t, imgs.stride(-2), imgs.stride(-1),
@@ -128,19 +167,21 @@ def norm_pix_loss_forward_triton(pred, imgs, weight, ids, p: int, norm_pix: bool
     )
     cfg = configs.get("finish") or _k.finish_config(fwd.grid)
     launch(_k._finish_kernel)[(1,)](
-        part, den, loss, unscale, fwd.grid, rows, D=d, BLOCK=cfg.block, HAS_W=has_w, PRESCALE=prescale,
+        part, den, loss, unscale, fwd.grid, rows, BLOCK=cfg.block, HAS_W=has_w, PRESCALE=prescale,
         num_warps=cfg.num_warps,
     )
     return loss, gbuf, unscale
 
 
 def _scale_triton(gbuf, unscale, grad_loss, out, config=None):
-    """out = gbuf * (grad_loss * unscale); ``out is gbuf``: in place, skipped on the device at factor 1."""
+    """out = gbuf * (grad_loss * unscale) (unscale [] or one per row); ``out is gbuf``: in place, skipped on
+    the device at factor 1 (a single unscale only)."""
     total = gbuf.numel()
     cfg = config or _k.scale_config(total)
     launch(_k._scale_kernel)[(cfg.grid,)](
-        gbuf, grad_loss.reshape(1), unscale, out, total,
-        BLOCK=cfg.block, ITERS=cfg.iters, IN_PLACE=out is gbuf, num_warps=cfg.num_warps,
+        gbuf, grad_loss.reshape(1), unscale, out, total, max(gbuf.shape[-1], 1),
+        BLOCK=cfg.block, ITERS=cfg.iters, IN_PLACE=out is gbuf, ROWS=unscale.numel() != 1 or unscale.dim() != 0,
+        num_warps=cfg.num_warps,
     )
     return out
 
@@ -166,8 +207,10 @@ def _scale_in_place(gbuf: Tensor, unscale: Tensor, grad_loss: Tensor) -> Tensor:
     """The eager backward: the buffer becomes grad_pred in place (on the device: no host sync)."""
     if use_triton(gbuf):
         return _scale_triton(gbuf, unscale, grad_loss, gbuf)
-    factor = wide(grad_loss) * unscale  # a CPU scalar: comparing it costs no sync
-    return gbuf if bool(factor == 1.0) else gbuf.mul_(factor)
+    factor = wide(grad_loss) * unscale  # [] or [N, Lp, 1]
+    if factor.device.type == "cpu" and factor.dim() == 0 and bool(factor == 1.0):  # a CPU scalar: no sync
+        return gbuf
+    return gbuf.mul_(factor)
 
 
 _SECOND_BACKWARD = (
@@ -190,7 +233,7 @@ class _NormPixLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("norm_pix_loss")
     def backward(ctx, grad_loss):
         if ctx.buffer is None:
             gbuf, unscale = ctx.saved_tensors
@@ -203,6 +246,8 @@ class _NormPixLoss(torch.autograd.Function):
 
 
 def _loss(pred, imgs, weight, ids, p, norm_pix, eps, u):
+    if imgs.requires_grad and torch.is_grad_enabled():  # rare (imgs are data): autograd through the formula
+        return _loss_autograd(pred, imgs, weight, ids, p, norm_pix, eps, u)
     if pred.requires_grad and torch.is_grad_enabled():
         return _NormPixLoss.apply(pred, imgs, weight, ids, p, norm_pix, eps, u)
     return _forward(pred, imgs, weight, ids, p, norm_pix, eps, u, False)[0]  # loss only: no buffer written
@@ -237,19 +282,19 @@ def norm_pix_loss(
     t_patch_size: int = 1,
     check: Optional[bool] = None,
 ) -> Tensor:
-    """MAE reconstruction loss read straight from ``imgs``; a float32 scalar, autograd to ``pred``.
+    """MAE reconstruction loss read straight from ``imgs``; a float32 scalar, autograd to ``pred`` (and to
+    ``imgs`` when it requires grad: then by autograd through the plain formula, as the reference).
 
     imgs [N, C, H, W] (D = p*p*C) or a video [N, C, T, H, W] (D = u*p*p*C, u = ``t_patch_size``); pred
-    [N, L, D] with mask [N, L] (1 = counted), or pred [N, M, D] with ids_masked [N, M] (mask then optional
-    and unread). ``check``: the checks that need a device sync (default: on for CPU tensors, else
-    ``MAE_FAST_CHECK_INDICES``): an empty mask, the ids range, mask/ids agreement, NaN/inf in counted
-    patches of imgs. Eager calls support one backward per forward.
+    [N, L, D] with mask [N, L] (1 = counted), or pred [N, M, D] with ids_masked [N, M] (M <= L distinct
+    patches; mask then optional and unread). ``check``: the checks that need a device sync (default: on for
+    CPU tensors, else ``MAE_FAST_CHECK_INDICES``): an empty mask, ids_masked in range and distinct,
+    mask/ids agreement, NaN/inf in counted patches of imgs. Unchecked, an id outside [0, L) gives a NaN loss
+    (and NaN gradient rows). Eager calls support one backward per forward.
     """
     check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES)
     n, c, t, h, w, num_patches = check_clip_grid(imgs, patch_size, t_patch_size)
-    eps = float(eps)
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_number("eps", eps, minimum=0.0)
     p, u = patch_size, t_patch_size
     d = u * p * p * c
     if norm_pix and d < 2:
@@ -267,6 +312,8 @@ def norm_pix_loss(
         if ids_masked.shape[0] != n or ids_masked.shape[1] == 0:
             raise ValueError(
                 f"ids_masked must have shape [{n}, M] with M >= 1, got [{', '.join(map(str, ids_masked.shape))}]")
+        if ids_masked.shape[1] > num_patches:
+            raise ValueError(f"ids_masked names M={ids_masked.shape[1]} patches but imgs has only L={num_patches}")
         check_shape("pred", pred, (n, ids_masked.shape[1], d))
         if mask is not None:
             check_tensor("mask", mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,))
@@ -274,8 +321,7 @@ def norm_pix_loss(
     if n == 0:
         raise ValueError("imgs must hold at least one image (N >= 1), got N = 0")
 
-    do_check = check is not False and (imgs.device.type == "cpu" or check_indices_enabled(check)) \
-        and not dispatching()
+    do_check = check_indices_enabled(check, imgs.device)
     if ids_masked is None:
         weight = mask.to(torch.float32).contiguous()  # [N, L], no copy when already fp32 contiguous
         if do_check and not bool(weight.sum() != 0):
@@ -284,7 +330,7 @@ def norm_pix_loss(
             _check_imgs_finite(imgs, p, weight != 0, u)
         return _loss(pred, imgs, weight, None, p, bool(norm_pix), eps, u)
     if do_check:
-        check_index_range("ids_masked", ids_masked, num_patches)
+        check_distinct_rows("ids_masked", ids_masked, num_patches)
         if mask is not None:
             m = ids_masked.shape[1]
             named = mask.to(torch.float32).gather(1, ids_masked.long())  # [N, M]

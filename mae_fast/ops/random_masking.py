@@ -1,20 +1,23 @@
 """random_masking: the MAE mask from the C++/CUDA masking engine in ``csrc/``, one pass, no noise round trip.
 
 ``random_masking(N, L, ratio)`` returns ``Masking(ids_keep [N, K], ids_restore [N, L], mask [N, L])`` with
-K = int(L * (1 - ratio)), the three tensors of the reference's double argsort: from Philox keys drawn from
-the device's torch generator (``torch.manual_seed`` reproduces a run; one kernel launch on CUDA, safe
-under CUDA graph capture), or from ``noise`` exactly as the reference uses it. ``frames=T``: tube masking
+K = int(L * (1 - ratio)) (K = 0 and N = 0 are allowed, as in the reference), the three tensors of the
+reference's double argsort: from Philox keys drawn from the device's torch generator
+(``torch.manual_seed`` reproduces a run; one kernel launch on CUDA, safe under CUDA graph capture), or
+from ``noise`` exactly as the reference uses it. ``frames=T``: tube masking
 (one spatial mask per clip). The engine's ops are ``torch.ops.mae_fast.random_masking``,
 ``random_masking_seeded`` and ``masking_from_noise`` (schemas in ``csrc/masking.cpp``, fake
 implementations here). docs/OPS.md has the key layout and the tube order.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.mae_fast.*)
+from ._checks import _as_python_scalar, check_ratio
 
 __all__ = ["Masking", "random_masking", "masking_reference", "num_kept"]
 
@@ -50,39 +53,56 @@ def _masking_from_noise_fake(noise, spatial_keep, frames):
     return _fake_outputs(noise.device, noise.shape[0], noise.shape[1], spatial_keep, frames)
 
 
-def _normalize_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+def _normalize_device(device, name: str = "device") -> torch.device:
+    """A torch.device for ``device`` (CPU without an index, CUDA with one); ValueError naming ``name``."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, (str, int)) and not isinstance(device, bool):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"{name} must be a CPU or CUDA device, got {device!r}") from err
+    else:
+        raise TypeError(f"{name} must be a torch.device or a str, got {type(device).__name__}")
+    if dev.type == "cpu":
+        return torch.device("cpu")  # "cpu:0" is the CPU: tensors and generators report plain "cpu"
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _check_device(device: torch.device) -> None:
+    """The engine runs on CPU and CUDA (meta: shapes only)."""
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"device must be a CPU or CUDA device (or meta), got {device}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device is {device} but CUDA is not available (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda is not None})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device is {device} but only {torch.cuda.device_count()} CUDA device(s) exist")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    value = _as_python_scalar(value)  # a numpy integer or a 0-d tensor as a Python int
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
-def _sizes(batch_size, num_tokens, mask_ratio, frames) -> Tuple[int, int, int]:
-    """Validate the sizes; return (spatial_tokens, spatial_keep, frames)."""
-    _check_int("batch_size", batch_size, 1)
-    _check_int("num_tokens", num_tokens, 1)
-    _check_int("frames", frames, 1)
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
-    if not (0.0 <= mask_ratio < 1.0):  # also rejects NaN
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+def _sizes(batch_size, num_tokens, mask_ratio, frames) -> Tuple[int, int, int, int]:
+    """Validate the sizes; return (batch_size, spatial_tokens, spatial_keep, frames)."""
+    batch_size = _check_int("batch_size", batch_size, 0)
+    num_tokens = _check_int("num_tokens", num_tokens, 1)
+    frames = _check_int("frames", frames, 1)
+    mask_ratio = check_ratio("mask_ratio", mask_ratio)
     if num_tokens % frames != 0:
         raise ValueError(f"num_tokens ({num_tokens}) must be divisible by frames ({frames})")
     spatial_tokens = num_tokens // frames
-    spatial_keep = int(spatial_tokens * (1 - mask_ratio))  # as the reference: truncation
-    if spatial_keep == 0:
-        raise ValueError(
-            f"mask_ratio={mask_ratio} keeps no token: K = {frames} * int({spatial_tokens} * (1 - {mask_ratio})) = 0"
-        )
-    return spatial_tokens, spatial_keep, frames
+    spatial_keep = int(spatial_tokens * (1 - mask_ratio))  # as the reference: truncation; 0 keeps nothing
+    return batch_size, spatial_tokens, spatial_keep, frames
 
 
 def _compiling() -> bool:
@@ -107,7 +127,7 @@ def random_masking(
     double argsort of it (stable ties). frames: T for tube masking (see the module docstring).
     Raises ValueError naming the bad argument.
     """
-    spatial_tokens, spatial_keep, frames = _sizes(batch_size, num_tokens, mask_ratio, frames)
+    batch_size, spatial_tokens, spatial_keep, frames = _sizes(batch_size, num_tokens, mask_ratio, frames)
     if device is None:
         if noise is not None and isinstance(noise, torch.Tensor):
             device = noise.device
@@ -116,6 +136,7 @@ def random_masking(
         else:
             device = torch.device("cpu")
     device = _normalize_device(device)
+    _check_device(device)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -152,8 +173,9 @@ def _random_masking_seeded(
 
     seed in [0, 2**63); offset a non-negative multiple of 4 (the CUDA generator's convention).
     """
-    spatial_tokens, spatial_keep, frames = _sizes(batch_size, num_tokens, mask_ratio, frames)
+    batch_size, spatial_tokens, spatial_keep, frames = _sizes(batch_size, num_tokens, mask_ratio, frames)
     device = _normalize_device("cpu" if device is None else device)
+    _check_device(device)
     _check_int("seed", seed, 0)
     _check_int("offset", offset, 0)
     if seed >= 2**63:
@@ -173,7 +195,7 @@ def masking_reference(noise: torch.Tensor, num_tokens: int, mask_ratio: float, f
     double argsort of the key (removed, frame, noise).
     """
     N = noise.shape[0]
-    Ls, Ks, T = _sizes(N, num_tokens, mask_ratio, frames)
+    _, Ls, Ks, T = _sizes(N, num_tokens, mask_ratio, frames)
     L, K = T * Ls, T * Ks
     order = torch.argsort(noise, dim=1, stable=True)  # [N, Ls] spatial tokens by ascending key
     rank = torch.argsort(order, dim=1)  # [N, Ls]
@@ -186,7 +208,7 @@ def masking_reference(noise: torch.Tensor, num_tokens: int, mask_ratio: float, f
 
 
 def num_kept(num_tokens: int, mask_ratio: float, frames: int = 1) -> int:
-    """K for these sizes: frames * int(num_tokens / frames * (1 - mask_ratio))."""
+    """K for these sizes: frames * int(num_tokens / frames * (1 - mask_ratio)) (0 keeps nothing)."""
     Ls = num_tokens // frames
-    return frames * int(Ls * (1 - mask_ratio))
+    return frames * int(Ls * (1 - float(mask_ratio)))
 

@@ -2,19 +2,23 @@
 
 x [N, P+K, D] (P prefix rows first), ids_restore [N, L] -> [N, P+L, D]: row P+l is x[n, P+ids_restore[n, l]]
 where that is < K, else mask_token; pos_embed [1, P+L, D] is added to every row. Kernels:
-``kernels/unshuffle_tokens.py``; plain torch path: :func:`unshuffle_tokens_torch`.
+``kernels/unshuffle_tokens.py``; plain torch path: :func:`unshuffle_tokens_torch`. Any ids_restore is safe
+(``_indices.py``): an r outside [0, L) gives a NaN row; a row that is no permutation gets torch.gather's
+gradient (summed where an r repeats, zero for an r never named).
 """
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mae_fast.kernels import _launch
 from mae_fast.kernels import unshuffle_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indices_enabled, check_permutation_rows, check_shape, check_tensor
-from ._registry import cdiv, kernel, launch, no_grad_placeholder, unused_pointer, use_triton, wide
+from ._indices import poison_rows, valid_and_clamped
+from ._registry import (cdiv, kernel, launch, no_grad_placeholder, once_differentiable, unused_pointer, use_triton,
+                        wide)
 
 __all__ = ["unshuffle_tokens", "unshuffle_tokens_torch", "unshuffle_tokens_backward_torch"]
 
@@ -28,29 +32,34 @@ def unshuffle_tokens_torch(x: Tensor, ids_restore: Tensor, mask_token: Tensor, p
     out_dtype = out_dtype or x.dtype
     xw = x if pos_embed is None and out_dtype == x.dtype else wide(x)
     xs = torch.cat([xw[:, P:], mask_token.to(xw.dtype).expand(N, L - K, D)], dim=1)  # [N, L, D]
-    xs = torch.gather(xs, 1, ids_restore.long().unsqueeze(-1).expand(-1, -1, D))  # [N, L, D]
+    valid, idx, all_valid = valid_and_clamped(ids_restore, L)  # [N, L]
+    xs = torch.gather(xs, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # [N, L, D]
     out = torch.cat([xw[:, :P], xs], dim=1)  # [N, P+L, D]
     if pos_embed is not None:
         out = out + wide(pos_embed)
-    return out.to(out_dtype).contiguous()
+    out = out.to(out_dtype).contiguous()
+    poison_rows(out[:, P:], valid, all_valid)  # in place on out's token rows
+    return out
 
 
 def unshuffle_tokens_backward_torch(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, need_pos: bool,
                                     need_mask: bool, x_dtype: Optional[torch.dtype] = None):
     """(grad_x [N, P+K, D] in x_dtype (default grad's), grad_pos [1, P+L, D] fp32, grad_mask [1, 1, D] fp32);
     unneeded ones empty."""
-    N, _, D = grad.shape
-    idx = ids_restore.long()  # [N, L]
-    gpos = wide(grad).sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)  # [1, P+L, D]
-    gt = grad[:, P:]  # [N, L, D]
-    removed = (idx >= K).unsqueeze(-1)  # [N, L, 1]
-    gmask = (wide(gt) * removed).sum((0, 1)).reshape(1, 1, D) if need_mask else no_grad_placeholder(grad)
+    N, T, D = grad.shape
+    L = T - P
+    valid, idx, all_valid = valid_and_clamped(ids_restore, L)  # [N, L]
+    g = wide(grad)  # [N, P+L, D] (fp32, float64 for float64)
+    if not all_valid:  # a NaN row (r outside [0, L)) fed no input
+        g = torch.cat([g[:, :P], g[:, P:].masked_fill(~valid.unsqueeze(-1), 0.0)], dim=1)
+    gpos = g.sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)  # [1, P+L, D]
+    # torch.gather's gradient: row r of [x tokens; mask tokens] gets the sum of the rows l naming it
+    gsrc = torch.zeros(N, L, D, dtype=g.dtype, device=grad.device)
+    gsrc.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, D), g[:, P:])  # [N, L, D]
+    gmask = gsrc[:, K:].sum((0, 1)).reshape(1, 1, D) if need_mask else no_grad_placeholder(grad)
     if not need_x:
         return grad.new_empty((0,)), gpos, gmask
-    gx = torch.zeros(N, P + K, D, dtype=x_dtype or grad.dtype, device=grad.device)
-    gx[:, :P] = grad[:, :P]
-    ids_keep = torch.argsort(idx, dim=1)[:, :K]  # [N, K]: where kept token k sits
-    gx[:, P:] = torch.gather(gt, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    gx = torch.cat([g[:, :P], gsrc[:, :K]], dim=1).to(x_dtype or grad.dtype)  # [N, P+K, D]
     return gx, gpos, gmask
 
 
@@ -69,7 +78,7 @@ def _forward(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Opti
     pos = pos_embed if pos_embed is not None else x
     launch(_k.unshuffle_fwd_kernel)[(cdiv(N * T, cfg.block_rows), cdiv(D, cfg.block_cols))](
         x, ids_restore, mask_token, pos, out,
-        N * T, T, P, T_in - P, D,
+        N * T, T, P, T_in - P, D, L,
         x.stride(0), x.stride(1), x.stride(2),
         ids_restore.stride(0), ids_restore.stride(1),
         mask_token.stride(2),
@@ -102,6 +111,18 @@ def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, n
         NEED_X=need_x, NEED_POS=need_pos, NEED_MASK=need_mask,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )
+    if need_x:  # rows of ids_restore that are no permutation: their grad_x rewritten (a map per sample otherwise)
+        code = torch.empty((N, L), dtype=torch.int32, device=grad.device)  # [N, L] scratch
+        nxt = torch.empty((N, L), dtype=torch.int32, device=grad.device)  # [N, L] scratch
+        launch(_k.unshuffle_fix_kernel)[(N,)](
+            ids_restore, code, nxt, grad, gx,
+            L, P, K, D,
+            grad.stride(0), grad.stride(1), grad.stride(2),
+            ids_restore.stride(0), ids_restore.stride(1),
+            BLOCK_K=min(1024, triton.next_power_of_2(L)), BLOCK_L=min(1024, triton.next_power_of_2(L)),
+            BLOCK_C=min(64, triton.next_power_of_2(L)), BLOCK_R=16, BLOCK_D=min(256, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
     gpos = ppos.sum(0, keepdim=True) if need_pos else no_grad_placeholder(grad)  # [1, P+L, D]
     gmask = pmask.sum((0, 1)).reshape(1, 1, D) if need_mask else no_grad_placeholder(grad)  # [1, 1, D]
     return gx, gpos, gmask
@@ -117,7 +138,7 @@ class _UnshuffleTokens(torch.autograd.Function):
         return _forward(x, ids_restore, mask_token.reshape(1, 1, -1), pos_embed, num_prefix, out_dtype)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("unshuffle_tokens")
     def backward(ctx, grad):
         (ids_restore,) = ctx.saved_tensors
         x_dtype, mask_dtype, pos_dtype = ctx.dtypes
@@ -136,6 +157,10 @@ def unshuffle_tokens(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_emb
     mask_token [1, 1, D] (or [D]), pos_embed [1, P+L, D] -> [N, P+L, D] in ``out_dtype`` (default x's; the
     official code's cat with an fp32 mask token gives fp32 under autocast); autograd to x, mask_token and
     pos_embed. The mask-token and position adds are done in fp32 and rounded once.
+
+    ``check_indices`` (default: on for CPU tensors, else ``MAE_FAST_CHECK_INDICES``): a ValueError unless
+    every row of ids_restore is a permutation of [0, L) (a device sync on CUDA). Unchecked, an r outside
+    [0, L) gives a NaN row, and any row gets torch.gather's gradient, on every path.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     N, T_in, D = x.shape
@@ -149,7 +174,7 @@ def unshuffle_tokens(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_emb
     if K > L:
         raise ValueError(f"x has K={K} kept tokens (after {P} prefix rows) but ids_restore has only L={L}")
     check_tensor("mask_token", mask_token, dtypes=FLOAT_DTYPES, device=x.device)
-    if mask_token.numel() != D or mask_token.shape[-1] != D:
+    if mask_token.dim() == 0 or mask_token.numel() != D or mask_token.shape[-1] != D:
         raise ValueError(f"mask_token must have shape [1, 1, {D}] (width D={D} of x), got {list(mask_token.shape)}")
     if pos_embed is not None:
         check_tensor("pos_embed", pos_embed, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
@@ -158,6 +183,6 @@ def unshuffle_tokens(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_emb
         out_dtype = x.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of float32, bfloat16, float16, got {out_dtype}")
-    if check_indices_enabled(check_indices):
+    if check_indices_enabled(check_indices, x.device):
         check_permutation_rows("ids_restore", ids_restore)
     return _UnshuffleTokens.apply(x, ids_restore, mask_token, pos_embed, P, out_dtype)

@@ -21,6 +21,9 @@ CONFIGS = {
                 decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2),
     "p8_nonsquare": dict(img_size=(24, 40), patch_size=8, embed_dim=40, depth=1, num_heads=2,
                          decoder_embed_dim=24, decoder_depth=2, decoder_num_heads=3, in_chans=2),
+    # a 3x3 grid: ratio 0.9 keeps int(9 * 0.1) = 0 patches
+    "grid3": dict(img_size=24, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                  decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
 }
 
 
@@ -118,6 +121,51 @@ def test_mask_ratio_zero_is_the_plain_autoencoder_loss():
     assert fast.forward_train(imgs, 0.0, noise).item() == pytest.approx(l_fast.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_ratio_that_keeps_no_patch_like_the_reference(norm_pix):
+    """K = 0 (3x3 grid, ratio 0.9): the encoder sees the cls token alone, the decoder only mask tokens; the
+    same mask, pred, loss and gradients as the official model, and forward_train gives the same loss."""
+    ref, fast = _pair("grid3", norm_pix)
+    imgs, noise = _inputs(ref)
+    latent = fast.forward_encoder(imgs, 0.9, noise)[0]
+    assert latent.shape == (3, 1, 32)
+    g_ref = assert_same_mae_step(ref, fast, imgs, 0.9, noise)
+    fast.zero_grad()
+    loss = fast.forward_train(imgs, 0.9, noise)
+    loss.backward()
+    assert abs(loss.item() - ref(imgs, 0.9, noise)[0].item()) <= 1e-5 * loss.item()
+    for k, g in _grads(fast).items():
+        assert rel_err(g, g_ref[k]) < 1e-4, k
+
+
+def test_mask_ratio_as_numpy_or_tensor():
+    """The official model takes any real number for mask_ratio (numpy scalars, 0-d tensors): so does this one."""
+    np = pytest.importorskip("numpy")
+    ref, fast = _pair("base_like")
+    imgs, noise = _inputs(ref)
+    want = fast(imgs, 0.75, noise)[0].item()
+    for ratio in (np.float32(0.75), np.float64(0.75), torch.tensor(0.75)):
+        assert fast(imgs, ratio, noise)[0].item() == want
+        assert fast.forward_train(imgs, ratio, noise).item() == pytest.approx(want, rel=1e-6)
+        assert ref(imgs, ratio, noise)[0].item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(TypeError, match="mask_ratio must be a real number"):
+        fast(imgs, "0.75", noise)
+
+
+@pytest.mark.filterwarnings("ignore:var.*degrees of freedom:UserWarning")
+def test_empty_batch_like_the_reference():
+    """N = 0: empty pred and mask and a NaN loss (0 / 0), as the official model; backward gives zero gradients."""
+    ref, fast = _pair("base_like")
+    imgs, noise = _inputs(ref, N=0)
+    l_ref, p_ref, m_ref = ref(imgs, 0.75, noise)
+    l_fast, p_fast, m_fast = fast(imgs, 0.75, noise)
+    assert torch.isnan(l_ref) and torch.isnan(l_fast)
+    assert p_fast.shape == p_ref.shape == (0, 16, 768) and m_fast.shape == m_ref.shape == (0, 16)
+    l_fast.backward()
+    assert all(not g.any() for g in _grads(fast).values())
+    assert torch.isnan(fast.forward_train(imgs, 0.75, noise))
+
+
 def test_convergence_30_adamw_steps(monkeypatch):
     """Same init, same batches and masks: loss curves agree within 1e-4 (relative) and final weights
     within 1e-3 (absolute; lr 1e-3 x 30 steps can move a weight by 0.03, so an error in any gradient
@@ -212,6 +260,8 @@ def test_bad_inputs():
         fast(imgs, 1.0)
     with pytest.raises(ValueError, match="mask_ratio"):
         fast(imgs, -0.1)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        fast.forward_train(imgs, float("nan"))
     with pytest.raises(ValueError, match=r"imgs must have shape \[N, 3, 64, 64\]"):
         fast(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"imgs must have shape"):

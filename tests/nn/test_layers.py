@@ -120,6 +120,19 @@ def test_drop_path_and_layer_scale():
     torch.testing.assert_close(ls(x[:2]), torch.full((2, 3), 0.1))
 
 
+def test_block_and_attention_reject_inputs_that_are_not_tokens():
+    """A 2-D input, a wrong width or a non-tensor: an error saying what tokens look like, not an unpacking error."""
+    blk, attn = mnn.Block(8, 2), mnn.Attention(8, 2)
+    for module in (blk, attn):
+        with pytest.raises(ValueError, match=r"x must be tokens \[B, N, 8\] .* got shape \[3, 8\]"):
+            module(torch.randn(3, 8))
+        with pytest.raises(ValueError, match=r"got shape \[2, 3, 4\]"):
+            module(torch.randn(2, 3, 4))
+        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+            module([[0.0] * 8])
+        assert module(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
 def test_patch_embed_matches_reference_and_rejects_bad_images():
     torch.manual_seed(0)
     ref = R.PatchEmbed((24, 40), 8, 2, 48)

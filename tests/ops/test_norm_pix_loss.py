@@ -3,6 +3,7 @@ Triton kernels (under TRITON_INTERPRET=1 on a CPU), the eager buffer hand-out an
 bad inputs; real sizes on a GPU."""
 import contextlib
 import gc
+import math
 import weakref
 
 import pytest
@@ -609,6 +610,69 @@ def test_fp16_gradscaler_gradients_accurate(form):
     assert (err <= 2.0 ** -10 * exact.abs() + 2.0 ** -14 * exact.abs().max()).all()
 
 
+@pytest.mark.parametrize("form", ["full", "masked"])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_fp16_gradient_range(path, form, request):
+    """fp16 pred against fp32 targets of up to 4e5 (norm_pix off): |pred - target| far above what a global
+    buffer scale allows, while the true gradient (and a GradScaler-scaled one) fits in fp16. Every element
+    comes back finite and within one fp16 rounding of the float64 gradient."""
+    request.getfixturevalue(f"{path}_path")
+    pred, imgs, mask, ids = make_inputs(2, 3, 16, 24, 8, dtype=torch.float16, seed=27, img_dtype=torch.float32)
+    imgs = imgs * 2e5
+    if form == "masked":
+        pred, mask_arg, kw, oids = masked_rows(pred, ids), None, {"ids_masked": ids}, ids
+    else:
+        mask_arg, kw, oids = mask, {}, None
+    _, ref_grad = oracle(pred, imgs, mask_arg, 8, norm_pix=False, ids=oids)
+    assert (imgs.amax() - pred.abs().amax()) > 2.6e5  # a buffer holding diff / 4 would overflow
+    for go in (1.0, 2.0 ** math.floor(math.log2(30000.0 / ref_grad.abs().max().item()))):  # as a GradScaler
+        x = pred.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(norm_pix_loss(x, imgs, mask_arg, 8, norm_pix=False, **kw) * go, x)
+        exact = go * ref_grad
+        assert exact.abs().max() < 65504 and torch.isfinite(grad).all()
+        assert ((grad.double() - exact).abs() <= 2.0 ** -10 * exact.abs() + 2.0 ** -24).all()
+
+
+def test_fp16_row_scale_is_exact_powers_of_two():
+    """The per-row fp16 scale: a power of two putting each row's largest |value| in [2**14, 2**15), its
+    inverse exact; rows of zeros, with NaN or with an infinity get 1 (the torch twin of the kernels')."""
+    from mae_fast.ops.norm_pix_loss import _row_scale_torch
+    g = torch.tensor([[3e-9, -1.0], [70000.0, 2.0], [0.0, 0.0], [float("nan"), 5.0], [float("inf"), 1.0],
+                      [1e-40, 0.0]])[None]  # [1, 6, 2]
+    s, inv = _row_scale_torch(g)
+    top = (g.nan_to_num(0.0).abs().amax(-1, keepdim=True) * s)[0, :4, 0]
+    assert ((top[[0, 1, 3]] >= 2**14) & (top[[0, 1, 3]] < 2**15)).all() and top[2] == 0
+    assert s[0, 2] == 1 and s[0, 4] == 1 and torch.equal(s * inv, torch.ones_like(s))
+    assert torch.equal(torch.frexp(s).mantissa, torch.full_like(s, 0.5))  # powers of two
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_autocast_keeps_fp32_math(path, dtype, request):
+    """Inside CPU autocast (fp16 or bf16) the loss and its gradient are those without autocast, bitwise:
+    pixel-scale targets (0..255, norm_pix off) no longer overflow a half-precision reduction."""
+    request.getfixturevalue(f"{path}_path")
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=28)
+    imgs, pred = imgs * 100.0, pred * 100.0
+    plain = run(pred, imgs, mask, 8, norm_pix=False)
+    with torch.autocast("cpu", dtype=dtype):
+        cast = run(pred, imgs, mask, 8, norm_pix=False)
+    assert torch.isfinite(cast[0]) and torch.equal(cast[0], plain[0]) and torch.equal(cast[1], plain[1])
+    ref_loss, _ = oracle(pred, imgs, mask, 8, norm_pix=False)
+    assert rel_err(cast[0], ref_loss) < 1e-5
+
+
+def test_scale_kernel_row_factors(triton_path):
+    """ROWS: each row of D values is multiplied by grad_output * its own unscale."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.randn(6, 5, generator=torch.Generator().manual_seed(26)).to(dev)
+    unscale = torch.tensor([1.0, 0.5, 2.0, 0.25, 4.0, 1.0], device=dev)[:, None]
+    out = torch.empty_like(src)
+    K._scale_kernel[(1,)](src, torch.tensor([3.0], device=dev), unscale, out, 30, 5, BLOCK=16, ITERS=2,
+                          IN_PLACE=False, ROWS=True)
+    assert torch.equal(out, src * 3.0 * unscale)
+
+
 def test_loss_without_gradient(record_ops):
     """no_grad / a pred that does not require grad: the same loss, and no gradient buffer is written."""
     pred, imgs, mask, ids = make_inputs(2, 3, 16, 24, 8, seed=20)
@@ -630,13 +694,14 @@ def test_scale_kernel_in_place_early_exit(triton_path):
     src = torch.randn(1000, generator=torch.Generator().manual_seed(25)).to(dev)
     one, unscale = t(1.0), torch.ones((), device=dev)
     out = torch.full((1000,), 7.0, device=dev)  # a distinct out shows whether anything was stored
-    K._scale_kernel[(2,)](src, one, unscale, out, 1000, BLOCK=128, ITERS=4, IN_PLACE=True)
+    K._scale_kernel[(2,)](src, one, unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=True, ROWS=False)
     assert (out == 7.0).all()
-    K._scale_kernel[(2,)](src, t(4.0), torch.tensor(0.25, device=dev), out, 1000, BLOCK=128, ITERS=4, IN_PLACE=True)
+    K._scale_kernel[(2,)](src, t(4.0), torch.tensor(0.25, device=dev), out, 1000, 1, BLOCK=128, ITERS=4,
+                          IN_PLACE=True, ROWS=False)
     assert (out == 7.0).all()  # the factor is grad_output * unscale
-    K._scale_kernel[(2,)](src, t(3.0), unscale, out, 1000, BLOCK=128, ITERS=4, IN_PLACE=True)
+    K._scale_kernel[(2,)](src, t(3.0), unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=True, ROWS=False)
     assert torch.equal(out, src * 3.0)
-    K._scale_kernel[(2,)](src, one, unscale, out, 1000, BLOCK=128, ITERS=4, IN_PLACE=False)
+    K._scale_kernel[(2,)](src, one, unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=False, ROWS=False)
     assert torch.equal(out, src)  # out of place: always written
 
 
@@ -770,6 +835,12 @@ def test_bad_inputs():
         norm_pix_loss(pm, imgs, None, p, ids_masked=ids[:1])
     with pytest.raises(ValueError, match="at least 2 values"):
         norm_pix_loss(torch.zeros(1, 4, 1), torch.zeros(1, 1, 2, 2), torch.ones(1, 4), 1)
+    for bad_eps in (None, "1e-6", True):
+        with pytest.raises(TypeError, match="eps must be a real number"):
+            norm_pix_loss(pred, imgs, mask, p, eps=bad_eps)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        norm_pix_loss(pred, imgs, mask, p, eps=float("nan"))
+    assert norm_pix_loss(pred, imgs, mask, p, eps=torch.tensor(1e-6)) == norm_pix_loss(pred, imgs, mask, p)
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -33,8 +33,9 @@ def check_invariants(m: Masking, N, L, K, device="cpu"):
     kept = ids_restore < K  # [N, L]
     assert torch.equal(mask, (~kept).float())
     # kept exactly when ids_restore < K, and then ids_keep[ids_restore[l]] == l
-    back = torch.gather(ids_keep, 1, ids_restore.clamp(max=K - 1))  # [N, L]
-    assert torch.equal(back[kept], ar[kept])
+    if K:
+        back = torch.gather(ids_keep, 1, ids_restore.clamp(max=K - 1))  # [N, L]
+        assert torch.equal(back[kept], ar[kept])
     assert torch.equal(mask.sum(1), torch.full((N,), float(L - K)))
 
 
@@ -116,7 +117,7 @@ def test_key_stream_matches_documentation(N, L, ratio, frames, seed, offset):
 # ---------------------------------------------------------------- invariants
 @settings(max_examples=60, deadline=None)
 @given(
-    N=st.integers(1, 5),
+    N=st.integers(0, 5),
     Ls=st.integers(1, 70),
     frames=st.integers(1, 4),
     ratio=st.floats(0.0, 0.99),
@@ -125,11 +126,7 @@ def test_key_stream_matches_documentation(N, L, ratio, frames, seed, offset):
 )
 def test_invariants(N, Ls, frames, ratio, use_noise, seed):
     L = Ls * frames
-    Ks = int(Ls * (1 - ratio))
-    if Ks == 0:
-        with pytest.raises(ValueError, match="mask_ratio"):
-            random_masking(N, L, ratio, frames=frames)
-        return
+    Ks = int(Ls * (1 - ratio))  # 0 keeps nothing: the encoder then sees the cls token alone
     K = frames * Ks
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand(N, Ls, generator=g) if use_noise else None
@@ -290,9 +287,11 @@ def test_compile_fullgraph():
     (dict(mask_ratio=1.0), "mask_ratio"),
     (dict(mask_ratio=-0.1), "mask_ratio"),
     (dict(mask_ratio=float("nan")), "mask_ratio"),
-    (dict(mask_ratio=0.99), "mask_ratio"),  # K == 0
+    (dict(mask_ratio=torch.tensor(1.0)), "mask_ratio"),
     (dict(num_tokens=0), "num_tokens"),
-    (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=-1), "batch_size"),
+    (dict(device="foo"), "device"),
+    (dict(device="mps"), "device"),
     (dict(num_tokens=50, frames=3), "frames"),
     (dict(frames=0), "frames"),
     (dict(noise=torch.rand(4, 49)), "noise"),
@@ -323,7 +322,7 @@ def test_bad_types():
 def test_raw_ops_validate():
     d = torch.empty(0)
     with pytest.raises(ValueError, match="spatial_keep"):
-        torch.ops.mae_fast.random_masking(d, 2, 10, 0, 1, None)
+        torch.ops.mae_fast.random_masking(d, 2, 10, -1, 1, None)
     with pytest.raises(ValueError, match="spatial_keep"):
         torch.ops.mae_fast.random_masking_seeded(d, 2, 10, 11, 1, 0, 0)
     with pytest.raises(ValueError, match="offset"):
@@ -332,6 +331,54 @@ def test_raw_ops_validate():
         torch.ops.mae_fast.masking_from_noise(torch.tensor([[0.1, float("nan")]]), 1, 1)
     with pytest.raises(ValueError, match="noise"):
         torch.ops.mae_fast.masking_from_noise(torch.ones(2, 3, dtype=torch.int32), 1, 1)
+
+
+@pytest.mark.parametrize("N,L,ratio,frames", [(4, 9, 0.9, 1), (3, 16, 0.9, 4), (2, 1, 0.5, 1), (0, 50, 0.75, 1),
+                                              (0, 12, 0.9, 3)])
+def test_keeps_nothing_or_no_sample_like_the_reference(N, L, ratio, frames):
+    """K = 0 (a 3x3 grid at ratio 0.9: the official encoder then sees the cls token alone) and N = 0 run, as
+    the reference's random_masking does, with the same masks from the same noise."""
+    g = torch.Generator().manual_seed(L)
+    noise = torch.rand(N, L // frames, generator=g)
+    m = random_masking(N, L, ratio, noise=noise, frames=frames)
+    K = num_kept(L, ratio, frames)
+    check_invariants(m, N, L, K)
+    assert_same(m, masking_reference(noise, L, ratio, frames))
+    if frames == 1:
+        assert_same(m, ref_masking(noise, ratio))
+    check_invariants(random_masking(N, L, ratio, frames=frames), N, L, K)
+    check_invariants(_random_masking_seeded(N, L, ratio, seed=5, frames=frames), N, L, K)
+
+
+def test_mask_ratio_and_sizes_of_other_number_types():
+    """numpy scalars and 0-d tensors are numbers (the official model takes them); bools, arrays and strings
+    are not."""
+    np = pytest.importorskip("numpy")
+    noise = torch.rand(3, 20, generator=torch.Generator().manual_seed(1))
+    want = random_masking(3, 20, 0.75, noise=noise)
+    for ratio in (np.float32(0.75), np.float64(0.75), torch.tensor(0.75), torch.tensor(0.75, dtype=torch.float64)):
+        assert_same(random_masking(np.int64(3), 20, ratio, noise=noise), want)
+    assert random_masking(2, 10, np.int64(0)).ids_keep.shape == (2, 10)
+    for bad in (True, torch.tensor([0.5]), np.array([0.5]), "0.5", 0.5j, None):
+        with pytest.raises(TypeError, match="mask_ratio must be a real number"):
+            random_masking(2, 10, bad)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        random_masking(np.float32(2.0), 10, 0.5)
+
+
+def test_device_arguments():
+    """Devices the engine cannot use are a ValueError naming device; the CPU's index is no difference."""
+    m = random_masking(2, 10, 0.5, device=torch.device("cpu", 0), generator=torch.Generator())
+    assert m.ids_keep.device == torch.device("cpu")
+    m = random_masking(2, 10, 0.5, device="cpu:0", noise=torch.rand(2, 10))
+    assert m.mask.device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device is cuda but CUDA is not available"):
+            random_masking(2, 10, 0.5, device="cuda")
+    with pytest.raises(ValueError, match="device must be a CPU or CUDA device"):
+        random_masking(2, 10, 0.5, device="foo")
+    with pytest.raises(TypeError, match="device must be a torch.device or a str"):
+        random_masking(2, 10, 0.5, device=1.5)
 
 
 def test_large_cpu_sizes_from_the_issue():
@@ -343,7 +390,8 @@ def test_large_cpu_sizes_from_the_issue():
 
 # ---------------------------------------------------------------- GPU
 GPU_CASES = [(3, 50, 0.75, 1), (256, 196, 0.75, 1), (32, 1568, 0.9, 8), (4, 1568, 0.75, 1), (2, 1, 0.0, 1),
-             (3, 5000, 0.5, 1), (2, 16384, 0.75, 1), (2, 20000, 0.75, 2), (1024, 196, 0.75, 1)]
+             (3, 5000, 0.5, 1), (2, 16384, 0.75, 1), (2, 20000, 0.75, 2), (1024, 196, 0.75, 1),
+             (4, 9, 0.9, 1), (3, 16, 0.9, 4), (0, 50, 0.75, 1)]  # K = 0, K = 0 with tubes, no sample
 
 
 @pytest.mark.gpu

@@ -113,6 +113,8 @@ def test_bad_inputs():
     y = randn(N, 1 + K, D)
     with pytest.raises(ValueError, match="mask_token must have shape"):
         ops.unshuffle_tokens(y, ids_restore, randn(1, 1, D + 1))
+    with pytest.raises(ValueError, match=r"mask_token must have shape \[1, 1, 1\] .* got \[\]"):
+        ops.unshuffle_tokens(randn(N, 1 + K, 1), ids_restore, torch.tensor(1.0))  # 0-d: not an IndexError
     with pytest.raises(TypeError, match="mask_token must be a torch.Tensor"):
         ops.unshuffle_tokens(y, ids_restore, None)
     with pytest.raises(TypeError, match="ids_restore must have dtype"):
