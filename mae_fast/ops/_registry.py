@@ -187,14 +187,6 @@ def unused_pointer(like: torch.Tensor) -> torch.Tensor:
     return torch.empty((1,), dtype=like.dtype, device=like.device)
 
 
-def inverse_map(ids: torch.Tensor, L: int) -> torch.Tensor:
-    """ids [N, K] (distinct entries per row) -> inv [N, L] int32: inv[n, ids[n, k]] = k, -1 elsewhere."""
-    N, K = ids.shape
-    inv = torch.full((N, L), -1, dtype=torch.int32, device=ids.device)  # [N, L]
-    src = torch.arange(K, dtype=torch.int32, device=ids.device).expand(N, K)  # [N, K]
-    return inv.scatter_(1, ids.long(), src)
-
-
 def autocast_off(t: torch.Tensor):
     """A context without autocast on ``t``'s device: ops choose their dtypes themselves."""
     if t.device.type in ("cpu", "cuda"):

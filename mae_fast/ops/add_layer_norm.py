@@ -11,13 +11,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mae_fast.kernels import _launch
 from mae_fast.kernels import add_layer_norm as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, rows, unused_pointer, use_triton, wide
+from ._registry import autocast_off, kernel, launch, once_differentiable, rows, unused_pointer, use_triton, wide
 
 __all__ = ["add_layer_norm", "add_layer_norm_torch", "add_layer_norm_backward_torch"]
 
@@ -121,7 +120,7 @@ class _AddLayerNorm(torch.autograd.Function):
         return y.view(x.shape[:-1] + (x.shape[-1],)), s_out
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("add_layer_norm")
     def backward(ctx, dy, ds):
         s2, weight, mean, rstd = ctx.saved_tensors
         shape, x_dtype, br_dtype, has_bias, brb_dtype = ctx.meta

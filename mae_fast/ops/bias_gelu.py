@@ -9,13 +9,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mae_fast.kernels import _launch
 from mae_fast.kernels import bias_gelu as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, rows, unused_pointer, use_triton, wide
+from ._registry import autocast_off, kernel, launch, once_differentiable, rows, unused_pointer, use_triton, wide
 
 __all__ = ["bias_gelu", "bias_gelu_torch", "bias_gelu_backward_torch"]
 APPROXIMATIONS = ("none", "tanh")
@@ -80,7 +79,7 @@ class _BiasGelu(torch.autograd.Function):
             return _forward(h2, bias, approximate).view(h.shape)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("bias_gelu")
     def backward(ctx, da):
         h2, bias = ctx.saved_tensors
         with autocast_off(h2):

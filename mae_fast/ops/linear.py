@@ -10,10 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.autograd.function import once_differentiable
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_dtype, autocast_off, wide
+from ._registry import autocast_dtype, autocast_off, once_differentiable, wide
 
 __all__ = ["linear", "compute_dtype", "mm_out"]
 
@@ -48,7 +47,7 @@ class _Linear(torch.autograd.Function):
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("linear")
     def backward(ctx, g):
         x2, w = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta

@@ -9,13 +9,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mae_fast.kernels import _launch
 from mae_fast.kernels import residual_add as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, rows, unused_pointer, use_triton, wide
+from ._registry import autocast_off, kernel, launch, once_differentiable, rows, unused_pointer, use_triton, wide
 
 __all__ = ["residual_add", "residual_add_torch", "residual_add_backward_torch"]
 
@@ -74,7 +73,7 @@ class _ResidualAdd(torch.autograd.Function):
             return _forward(rows(s), rows(branch), bias).view(s.shape)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("residual_add")
     def backward(ctx, dout):
         shape, s_dtype, br_dtype, bias_dtype = ctx.meta
         need_s, need_br, need_bias = ctx.needs_input_grad

@@ -12,13 +12,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mae_fast.kernels import _launch
 from mae_fast.kernels import self_attention as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, use_triton, wide
+from ._registry import autocast_off, kernel, launch, once_differentiable, use_triton, wide
 from .linear import compute_dtype, mm_out
 
 __all__ = ["self_attention", "pack_qkv_grad_torch"]
@@ -70,7 +69,7 @@ class _SelfAttention(torch.autograd.Function):
         return o.detach().transpose(1, 2).reshape(B, N, C)  # [B, N, C]
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("self_attention")
     def backward(ctx, dout):
         x2, w, q, k, v, o = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta

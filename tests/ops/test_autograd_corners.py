@@ -121,6 +121,33 @@ def test_create_graph_is_a_clear_error(path, name):
         g.square().sum().backward()
 
 
+def _block_cases():
+    R, D = 5, 8
+    w, b = randn(D, seed=7), randn(D, seed=8)
+    return {
+        "add_layer_norm": lambda x: ops.add_layer_norm(x, w, b, 1e-6, branch=x.flip(0))[0],
+        "bias_gelu": lambda x: ops.bias_gelu(x, b),
+        "residual_add": lambda x: ops.residual_add(x.flip(0), x, b),
+        "linear": lambda x: ops.linear(x, randn(3, D, seed=9), None),
+        "self_attention": lambda x: ops.self_attention(x.view(1, R, D), randn(3 * D, D, seed=9), b.repeat(3), 2),
+    }, randn(R, D)
+
+
+@pytest.mark.parametrize("name", ["add_layer_norm", "bias_gelu", "residual_add", "linear", "self_attention"])
+def test_create_graph_is_a_clear_error_for_block_ops(torch_path, name):
+    """The block ops' backwards are not differentiable either: under create_graph=True the gradient is the
+    plain one and differentiating it raises an error naming the op."""
+    cases, x = _block_cases()
+    scalar = lambda t: cases[name](t).square().sum()  # noqa: E731
+    x1 = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(scalar(x1), x1)
+    x2 = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(scalar(x2), x2, create_graph=True)
+    torch.testing.assert_close(g, plain)
+    with pytest.raises(RuntimeError, match=f"mae_fast.ops.{name}: its backward is not differentiable"):
+        g.square().sum().backward()
+
+
 # ------------------------------------------------------------------------------------------ gradcheck
 @pytest.mark.parametrize("name", ["gather_tokens", "unshuffle_tokens", "gather_patches"])
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
