@@ -9,7 +9,7 @@ Programs: (row group, column block); each walks its rows BLOCK_R at a time. Row 
 import triton
 import triton.language as tl
 
-from ._tiles import row_tile
+from ._tiles import column_block, load_rows, row_tile, store_rows
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -42,19 +42,17 @@ def bias_gelu_fwd_kernel(
     h_ptr, b_ptr, a_ptr, R, F, sh, ROWS,
     HAS_BIAS: tl.constexpr, TANH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    col_ok = cols < F
+    cols, col_ok = column_block(BLOCK_F, F)
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     first = tl.program_id(0).to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
-        m = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(h_ptr + rows[:, None] * sh + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rows, m = row_tile(first, r0, R, ROWS, BLOCK_R, col_ok)
+        z = load_rows(h_ptr, rows, cols, sh, m)
         if HAS_BIAS:
             z += b[None, :]
         a, _ = _gelu_and_grad(z, TANH, False)
-        tl.store(a_ptr + rows[:, None] * F + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=m)
+        store_rows(a_ptr, rows, cols, F, a, m)
 
 
 @triton.jit
@@ -63,21 +61,19 @@ def bias_gelu_bwd_kernel(
     HAS_BIAS: tl.constexpr, TANH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    col_ok = cols < F
+    cols, col_ok = column_block(BLOCK_F, F)
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_F], dtype=tl.float32)
     first = pid.to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
-        m = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(h_ptr + rows[:, None] * sh + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rows, m = row_tile(first, r0, R, ROWS, BLOCK_R, col_ok)
+        z = load_rows(h_ptr, rows, cols, sh, m)
         if HAS_BIAS:
             z += b[None, :]
-        da = tl.load(da_ptr + rows[:, None] * sda + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        da = load_rows(da_ptr, rows, cols, sda, m)
         _, grad = _gelu_and_grad(z, TANH, True)
         dh = tl.where(m, da * grad, 0.0)
-        tl.store(dh_ptr + rows[:, None] * F + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=m)
+        store_rows(dh_ptr, rows, cols, F, dh, m)
         acc += tl.sum(dh, axis=0)
     tl.store(part_ptr + pid.to(tl.int64) * F + cols, acc, mask=col_ok)

@@ -8,7 +8,7 @@ Programs: (row group, column block); each walks its rows BLOCK_R at a time. Row 
 import triton
 import triton.language as tl
 
-from ._tiles import row_tile
+from ._tiles import column_block, load_rows, row_tile, store_rows
 
 
 @triton.jit
@@ -16,19 +16,17 @@ def residual_add_fwd_kernel(
     s_ptr, br_ptr, b_ptr, out_ptr, R, D, ss, sbr, ROWS,
     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols, col_ok = column_block(BLOCK_D, D)
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     first = tl.program_id(0).to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
-        m = row_ok[:, None] & col_ok[None, :]
-        v = tl.load(s_ptr + rows[:, None] * ss + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        v += tl.load(br_ptr + rows[:, None] * sbr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rows, m = row_tile(first, r0, R, ROWS, BLOCK_R, col_ok)
+        v = load_rows(s_ptr, rows, cols, ss, m)
+        v += load_rows(br_ptr, rows, cols, sbr, m)
         if HAS_BIAS:
             v += b[None, :]
-        tl.store(out_ptr + rows[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
+        store_rows(out_ptr, rows, cols, D, v, m)
 
 
 @triton.jit
@@ -37,15 +35,13 @@ def residual_add_bwd_kernel(
     STORE_DBR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols, col_ok = column_block(BLOCK_D, D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     first = pid.to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)
-        m = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(dout_ptr + rows[:, None] * sd + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rows, m = row_tile(first, r0, R, ROWS, BLOCK_R, col_ok)
+        g = load_rows(dout_ptr, rows, cols, sd, m)
         if STORE_DBR:
-            tl.store(dbr_ptr + rows[:, None] * D + cols[None, :], g.to(dbr_ptr.dtype.element_ty), mask=m)
+            store_rows(dbr_ptr, rows, cols, D, g, m)
         acc += tl.sum(g, axis=0)
     tl.store(part_ptr + pid.to(tl.int64) * D + cols, acc, mask=col_ok)

@@ -34,8 +34,7 @@ def pack_qkv_grad_kernel(
     acc = tl.zeros([BLOCK_HD], dtype=tl.float32)
     first = g.to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
-        rows, row_ok = row_tile(first, r0, R, ROWS, BLOCK_R)  # [BLOCK_R] = b * N + n
-        m = row_ok[:, None] & j_ok[None, :]
+        rows, m = row_tile(first, r0, R, ROWS, BLOCK_R, j_ok)  # [BLOCK_R] = b * N + n
         b = rows // N
         n = rows % N
         v = tl.load(src + (b * sb + h * sh + n * sn)[:, None] + j[None, :] * sd, mask=m, other=0.0)
