@@ -14,6 +14,7 @@ Backward: one program per (token of the grid, E block): grad_imgs is written exa
 import triton
 import triton.language as tl
 
+from ._tiles import column_block, indexed_rows
 from .index_map import first_and_chain
 
 
@@ -25,14 +26,8 @@ def gather_patches_fwd_kernel(
     sdn, sdk,
     PATCH: tl.constexpr, TUBE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
-    row_ok = rows < R
-    e_ok = e < E
-    n = rows // K
-    k = rows % K
-    t = tl.load(ids_ptr + n * sdn + k * sdk, mask=row_ok, other=0).to(tl.int64)  # [BR] token index
-    t_ok = (t >= 0) & (t < L)
+    rows, row_ok, n, _, _, t, t_ok = indexed_rows(ids_ptr, sdn, sdk, R, K, 0, L, BLOCK_R)  # [BR] token index
+    e, e_ok = column_block(BLOCK_E, E)  # [BE]
     s = t // HWP  # tubelet slot in time
     ph = (t % HWP) // WP
     pw = t % WP

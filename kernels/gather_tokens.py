@@ -18,6 +18,7 @@ specialised by Triton, which keeps the loads vectorised).
 import triton
 import triton.language as tl
 
+from ._tiles import column_block, indexed_rows
 from .index_map import first_and_chain
 
 
@@ -32,16 +33,8 @@ def gather_tokens_fwd_kernel(
     HAS_POS: tl.constexpr, HAS_PREFIX: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-    row_ok = rows < R
-    col_ok = cols < D
-    n = rows // T
-    j = rows % T
-    is_tok = row_ok & (j >= P)
-    k = tl.where(is_tok, j - P, 0)
-    src = tl.load(ids_ptr + n * sin + k * sik, mask=is_tok, other=0).to(tl.int64)  # [BR]
-    src_ok = (src >= 0) & (src < L)
+    rows, row_ok, n, j, is_tok, src, src_ok = indexed_rows(ids_ptr, sin, sik, R, T, P, L, BLOCK_R)  # [BR]
+    cols, col_ok = column_block(BLOCK_D, D)  # [BD]
     m_tok = (is_tok & src_ok)[:, None] & col_ok[None, :]
     val = tl.load(x_ptr + n[:, None] * sxn + src[:, None] * sxl + cols[None, :] * sxd, mask=m_tok, other=0.0)
     if HAS_POS:

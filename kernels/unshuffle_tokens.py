@@ -16,6 +16,7 @@ Backward: l-major: one program per (output position, D block, N split) walks N: 
 import triton
 import triton.language as tl
 
+from ._tiles import column_block, indexed_rows
 from .index_map import build_map, first_and_chain
 
 
@@ -29,16 +30,8 @@ def unshuffle_fwd_kernel(
     spt, spd,
     HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-    row_ok = rows < R
-    col_ok = cols < D
-    n = rows // T
-    j = rows % T
-    is_tok = row_ok & (j >= P)
-    l = tl.where(is_tok, j - P, 0)
-    r = tl.load(ids_ptr + n * sin + l * sil, mask=is_tok, other=0).to(tl.int64)  # [BR]
-    r_ok = (r >= 0) & (r < L)
+    rows, row_ok, n, j, is_tok, r, r_ok = indexed_rows(ids_ptr, sin, sil, R, T, P, L, BLOCK_R)  # [BR]
+    cols, col_ok = column_block(BLOCK_D, D)  # [BD]
     from_x = row_ok & ((j < P) | (r_ok & (r < K)))
     src = tl.where(j < P, j, P + r)
     v = tl.load(x_ptr + n[:, None] * sxn + src[:, None] * sxt + cols[None, :] * sxd,
