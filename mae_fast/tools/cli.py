@@ -1,6 +1,8 @@
 """The `mae-fast` command (also `python -m mae_fast`).
 
 Subcommands:
+  pretrain MAE pretraining on a folder of images (the official recipe), checkpoints and reconstruction
+           pictures
   bench    training-step throughput (forward, backward, AdamW step): reference and mae_fast, eager and
            torch.compile, and mae_fast's step as one CUDA graph, side by side; images/s, memory, FLOPs, MFU,
            speedup
@@ -149,6 +151,106 @@ def _common_args(p: argparse.ArgumentParser, ratio: bool = True, patch: bool = T
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     _threads_arg(p)
     p.add_argument("--json", metavar="PATH", help="write the results document (JSON) here")
+
+
+def _nonneg_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+
+    return parse
+
+
+def _nonneg_float(name: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+
+    return parse
+
+
+def add_pretrain_parser(sub) -> None:
+    t = defaults.PRETRAIN
+    p = sub.add_parser(
+        "pretrain", formatter_class=HelpFormatter,
+        help="MAE pretraining on a folder of images: checkpoints and reconstruction pictures",
+        description="Pretrain an MAE on the images in DIR (subfolders included) with the official recipe: "
+        "RandomResizedCrop(0.2-1) and flips, AdamW(0.9, 0.95), weight decay 0.05, lr = blr x batch / 256 with "
+        "linear warm-up and cosine decay per step, the normalized-pixel loss. The fast model trains through "
+        "mae_fast.TrainStep (one CUDA graph per step on a GPU). Writes checkpoint.pth (model, optimizer, "
+        "scheduler, step, RNG states), recon_<step>.png (original / masked / reconstruction / + visible) and "
+        "log.jsonl into --output-dir. --sample trains on photographs shipped with scikit-image.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("images", nargs="?", metavar="DIR", help="folder of images (png, jpg, ...; searched recursively)")
+    src.add_argument("--sample", action="store_true",
+                     help="train on the photographs shipped with scikit-image instead (nothing is downloaded)")
+    p.add_argument("--output-dir", default="output_dir", metavar="DIR", help="where checkpoints, pictures and the log go")
+    p.add_argument("--model", help=f"factory name, e.g. mae_vit_large_patch16 (default: {defaults.per_device(t, 'model')})")
+    p.add_argument("--img-size", type=_positive_int("--img-size"), help="image side in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"),
+                   help=f"images per step (default: {defaults.per_device(t, 'batch_size')})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=_positive_int("--steps"),
+                   help=f"training steps in all (default: {defaults.per_device(t, 'steps')})")
+    g.add_argument("--epochs", type=_positive_float("--epochs"), help="instead of --steps: passes over the images")
+    p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"),
+                   help="linear lr warm-up (default: 5%% of the steps, as the official 40 of 800 epochs)")
+    p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="fraction of patches removed")
+    p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
+                   help="plain pixel loss (default: the normalized-pixel loss)")
+    p.add_argument("--blr", type=_positive_float("--blr"), default=1.5e-4, help="base lr: lr = blr x batch / 256")
+    p.add_argument("--lr", type=_positive_float("--lr"), help="the peak lr itself (default: from --blr)")
+    p.add_argument("--min-lr", type=_nonneg_float("--min-lr"), default=0.0, help="lr at the end of the cosine")
+    p.add_argument("--weight-decay", type=_nonneg_float("--weight-decay"), default=0.05,
+                   help="AdamW weight decay (none on biases and norms)")
+    p.add_argument("--grad-clip", type=_positive_float("--grad-clip"),
+                   help="clip the gradient norm to this (default: no clipping, as the official recipe)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    _threads_arg(p)
+    p.add_argument("--workers", type=_nonneg_int("--workers"),
+                   help="data loading processes (default: half the cores less one, at most 8; 0 loads in the "
+                   "training process)")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation, masks and data order")
+    p.add_argument("--log-every", type=_positive_int("--log-every"), default=10, help="steps per log line")
+    p.add_argument("--save-every", type=_nonneg_int("--save-every"),
+                   help="steps between checkpoints, each replacing the last; 0: only the one at the end "
+                   f"(default: {defaults.per_device(t, 'save_every')})")
+    p.add_argument("--recon-every", type=_nonneg_int("--recon-every"),
+                   help="steps between reconstruction pictures; 0: only the one at the end "
+                   f"(default: {defaults.per_device(t, 'recon_every')})")
+    p.add_argument("--recon-images", type=_positive_int("--recon-images"), default=4,
+                   help="images in each reconstruction picture")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue a run: from CHECKPOINT, or without a value from --output-dir/checkpoint.pth")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from . import pretrain
+
+    if args.sample:
+        args.images = None
+    _threads(args)
+    cfg = pretrain.config_from_args(args)
+    try:
+        pretrain.run(cfg, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
+        _fail("pretrain", str(e))
+    return 0
 
 
 def add_bench_parser(sub) -> None:
@@ -422,6 +524,7 @@ def build_parser(prog: str = "mae-fast") -> argparse.ArgumentParser:
                                      f"`{prog} COMMAND --help` lists a command's options and defaults.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    add_pretrain_parser(sub)
     add_bench_parser(sub)
     add_sweep_parser(sub)
     add_profile_parser(sub)

@@ -17,8 +17,8 @@ SWEEP = {  # patch sizes must divide the image size (64 for the tiny model, 224 
 SWEEP_RATIOS = [0.0, 0.5, 0.6, 0.75, 0.85, 0.9, 0.95]
 PROFILE_WARMUP = 3
 PRETRAIN = {  # batch per step; steps: the CPU default is a demo that takes minutes, the GPU one a real run
-    "cpu": dict(model="mae_vit_tiny_patch8", batch_size=32, steps=600),
-    "cuda": dict(model="mae_vit_base_patch16", batch_size=256, steps=100_000),
+    "cpu": dict(model="mae_vit_tiny_patch8", batch_size=32, steps=600, save_every=200, recon_every=200),
+    "cuda": dict(model="mae_vit_base_patch16", batch_size=256, steps=100_000, save_every=2000, recon_every=2000),
 }
 
 

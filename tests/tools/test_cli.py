@@ -270,6 +270,7 @@ def test_help_needs_no_torch():
                "--batch-size BATCH_SIZE  per device (default: 32 on a CPU, 256 on a GPU)"]),
     ("sweep", ["(default: 10 on a CPU, 8 on a GPU)", "(default: 0,0.5,0.6,0.75,0.85,0.9,0.95)"]),
     ("profile", ["untimed warm-up steps (default: 3)", "top ops listed per variant (default: 15)"]),
+    ("pretrain", ["(default: 600 on a CPU, 100000 on a GPU)", "(default: 0.00015)", "(default: output_dir)"]),
 ])
 def test_help_shows_defaults(cmd, expected, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # one line per option
