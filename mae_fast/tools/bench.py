@@ -569,6 +569,7 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
                          num_patches=dims.num_patches)
     if device.type == "cpu":
         doc["config"]["threads"] = torch.get_num_threads()
+        doc["config"]["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
         doc["load_average_1min"] = load
     doc["peak_flops_per_s"] = peak_flops
     doc["peak_source"] = peak_source
@@ -633,10 +634,15 @@ def notes(doc: dict) -> List[str]:
     out = []
     c = doc["config"]
     load, threads, cores = doc.get("load_average_1min"), c.get("threads"), os.cpu_count() or 1
-    if load is not None and threads and threads > 1 and load + threads > cores + 0.5:
-        out.append(f"note: the CPU was busy (1-minute load average {load:.1f} on {cores} logical cores) and the steps "
-                   f"ran on {threads} threads, which then wait for each other: on a busy machine --threads 1 gives "
-                   "faster, steadier steps")
+    if load is not None and threads and load + threads > cores + 0.5:
+        busy = f"note: the CPU was busy (1-minute load average {load:.1f} on {cores} logical cores)"
+        if threads > 1 and str(c.get("omp_wait_policy")).upper() != "PASSIVE":
+            out.append(f"{busy} and {threads} OpenMP threads spun while they waited for each other, which can make "
+                       "steps many times slower: set OMP_WAIT_POLICY=PASSIVE (the mae-fast command's default) or "
+                       "use --threads 1")
+        else:
+            out.append(f"{busy}: other work shared the cores, so these times are longer and noisier than on an "
+                       "idle machine")
     mfus = [r["mfu"] for r in doc["results"] if r.get("mfu") is not None]
     if c.get("dtype") == "bf16" and str(c.get("device", "")).startswith("cpu"):
         out.append("note: mfu in bf16 on a CPU is against a bf16 matmul measured here; a CPU without bf16 "

@@ -263,6 +263,19 @@ def test_help_needs_no_torch():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_told(given, expected):
+    """Spinning OpenMP threads made CPU steps many times slower on a busy machine: the command asks for
+    sleeping ones before torch loads OpenMP, unless OMP_WAIT_POLICY is set."""
+    code = ("import os\nfrom mae_fast.tools import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.split()[-1] == expected, res.stdout + res.stderr
+
+
 @pytest.mark.parametrize("cmd,expected", [
     ("bench", ["--steps STEPS  timed steps per variant (default: 20 on a CPU, 30 on a GPU)",
                "--warmup WARMUP  untimed warm-up steps (default: 3 on a CPU, 5 on a GPU)",
@@ -311,6 +324,7 @@ def test_threads_flag_and_progress_bar(tmp_path, capsys):
         torch.set_num_threads(before)
     doc = json.loads(out.read_text())
     assert doc["config"]["threads"] == 1 and "load_average_1min" in doc
+    assert doc["config"]["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]  # PASSIVE unless set before
     captured = capsys.readouterr()
     assert ", 1 thread  (" in captured.out.splitlines()[0]
     assert "bench, timed steps (interleaved)" in captured.err and "100%" in captured.err
@@ -318,16 +332,19 @@ def test_threads_flag_and_progress_bar(tmp_path, capsys):
 
 
 def _doc(**config):
-    return {"config": {"device": "cpu", "dtype": "fp32", "threads": 2, **config}, "results": [{"mfu": 0.5}],
-            "peak_source": "measured: 1024x1024 float32 matmul (p20)"}
+    return {"config": {"device": "cpu", "dtype": "fp32", "threads": 2, "omp_wait_policy": "PASSIVE", **config},
+            "results": [{"mfu": 0.5}], "peak_source": "measured: 1024x1024 float32 matmul (p20)"}
 
 
 def test_notes_under_the_table(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert bench.notes(_doc()) == []
-    busy = bench.notes(dict(_doc(), load_average_1min=2.3))
-    assert len(busy) == 1 and "load average 2.3 on 2 logical cores" in busy[0] and "--threads 1" in busy[0]
-    assert bench.notes(dict(_doc(threads=1), load_average_1min=2.3)) == []  # one thread: nothing to say
+    assert bench.notes(_doc()) == [] and bench.notes(dict(_doc(), load_average_1min=0.3)) == []
+    (busy,) = bench.notes(dict(_doc(), load_average_1min=2.3))
+    assert "load average 2.3 on 2 logical cores" in busy and "longer and noisier" in busy
+    (spin,) = bench.notes(dict(_doc(omp_wait_policy=None), load_average_1min=2.3))
+    assert "spun" in spin and "OMP_WAIT_POLICY=PASSIVE" in spin and "--threads 1" in spin
+    (one,) = bench.notes(dict(_doc(threads=1, omp_wait_policy=None), load_average_1min=2.3))
+    assert "longer and noisier" in one  # one thread cannot spin against another
     (bf16,) = bench.notes(_doc(dtype="bf16"))
     assert "bf16 on a CPU" in bf16
     high = dict(_doc(), results=[{"mfu": 4.39}])
