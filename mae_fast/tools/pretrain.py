@@ -19,7 +19,8 @@ reads exactly the images an uninterrupted run would, and a folder with fewer ima
 Output folder: ``checkpoint.pth`` (the latest: model, optimizer, scheduler, step, RNG states, the config;
 ``model`` has the official MAE's keys), ``recon_<step>.png`` (original / masked / reconstruction /
 reconstruction with the visible patches pasted back, for a few fixed images and a fixed mask) and
-``log.jsonl`` (one JSON line per logged step). One process, one device.
+``log.jsonl`` (one JSON line per logged step). A folder that holds a checkpoint is only continued
+(``resume``), never started over. One process, one device.
 """
 from __future__ import annotations
 
@@ -446,6 +447,9 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
     resume = cfg.resume
     if resume == "auto":
         resume = str(out / CHECKPOINT)
+    if not resume and (out / CHECKPOINT).exists():
+        raise ValueError(f"{out / CHECKPOINT} exists: --resume continues that run; to start a new one, give another "
+                         "--output-dir (or remove the old run)")
     if resume:
         if not os.path.isfile(resume):
             raise ValueError(f"--resume: no checkpoint at {resume}")

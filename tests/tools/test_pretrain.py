@@ -195,6 +195,7 @@ def test_needs_images(capsys):
     (None, ["--sample", "--img-size", "30"], "--img-size 30"),
     (None, ["--sample", "--resume", "/nonexistent.pth"], "--resume: no checkpoint at /nonexistent.pth"),
     ("not_a_checkpoint", ["--sample", "--resume"], "is not a `mae-fast pretrain` checkpoint"),
+    ("not_a_checkpoint", ["--sample"], "checkpoint.pth exists: --resume continues that run"),
 ])
 def test_clear_errors(tmp_path, setup, argv, msg):
     if setup == "empty":
