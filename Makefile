@@ -1,8 +1,8 @@
 # mae_fast: `make test` and `make bench` do all set-up on a fresh machine.
 #
 # Environment:
-#   PYTHON=/path/to/python  use that interpreter as is: no venv, no installs (the GPU machine
-#                           installs with `pip install --no-deps --no-build-isolation -e .`)
+#   PYTHON=/path/to/python  use that interpreter as is: no venv, no installs (install mae_fast there
+#                           yourself with `pip install --no-deps --no-build-isolation -e .`)
 #   an active virtualenv    ($VIRTUAL_ENV) is used and installed into
 #   otherwise               ./.venv is created and used
 # torch==2.13.0 is installed only when torch is not importable (never a range: on a
@@ -46,15 +46,19 @@ COMPAT_SRC := $(COMPAT_DIR)/src
 setup: $(SETUP_STAMP)
 
 .venv/bin/python:
+	@echo "set-up: creating .venv (the first set-up takes minutes: torch, the C++ extension, test dependencies)"
 	python3 -m venv .venv
 	.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 
 ifdef SETUP_STAMP
 $(SETUP_STAMP): $(PY) setup.py pyproject.toml $(NATIVE_SOURCES)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	@$(PY) -c "import torch" 2>/dev/null || { echo "set-up: installing $(TORCH_PIN) (a large download)"; \
+	  $(PY) -m pip install -q "$(TORCH_PIN)"; }
 	$(PY) -m pip install -q setuptools wheel ninja pybind11
+	@echo "set-up: installing mae_fast with [$(EXTRAS)]: compiling its C++ extension, then the test dependencies"
 	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
+	@echo "set-up done. The mae-fast command is $(dir $(PY))mae-fast; \`source $(dir $(PY))activate\` puts it on your PATH"
 endif
 
 # Triton kernels run through the interpreter (TRITON_INTERPRET=1) where there is no GPU; the

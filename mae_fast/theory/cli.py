@@ -6,8 +6,6 @@ import argparse
 import math
 import sys
 
-import numpy as np
-
 DEFAULT_RATIOS = "0,0.25,0.5,0.75,0.9"
 DEFAULT_PATCHES = "2,4,8"
 DEFAULT_DAE_NOISE = 0.5
@@ -55,7 +53,7 @@ def add_theory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=32, help="number of features k (default 32)")
     p.add_argument("--color", action="store_true", help="RGB, channel last (d = 3 size^2); default grayscale")
     p.add_argument("--samples", type=int, default=None, help="number of random crops (default 4 d)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
     p.add_argument("--no-center", action="store_true",
                    help="use X^T X / n of the raw crops (default: subtract the mean crop, S is the covariance)")
     p.add_argument("--power", type=float, default=None,
@@ -66,6 +64,7 @@ def add_theory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results (JSON) here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: the scale heatmaps beside what one output pixel "
                    "looks at (with --findings: the Jacobian profiles and the Ising border weights)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_theory)
     return p
 
@@ -155,15 +154,29 @@ def _scan_cells(row: dict) -> dict:
     return out
 
 
+def _bar(args, total: int, desc: str):
+    from ..tools.progress import bar
+
+    return bar(total, desc, enabled=not getattr(args, "no_progress", False), unit="part")
+
+
 def _run_scan(args) -> dict:
     from ..tools.report import format_table
     from .scan import scan
 
     ratios = sorted(set(args.mask_ratios) | {0.0})  # m = 0 is the PCA baseline row
     patches = sorted(set(args.patch_sizes))
-    S = _second_moment(args)
-    rows, fits = scan(S, (args.size, args.size), ratios, patches, args.rank, ridge=args.ridge, power=args.power,
-                      keep_fits=bool(args.plot))
+    rows, fits = [], {}
+    with _bar(args, 1 + len(patches), "theory, image statistics") as bar:
+        S = _second_moment(args)
+        bar.update(1)
+        for p in patches:  # one scan per patch size, so that the bar moves
+            bar.set_description(f"theory, patch size {p}")
+            r, f = scan(S, (args.size, args.size), ratios, [p], args.rank, ridge=args.ridge, power=args.power,
+                        keep_fits=bool(args.plot))
+            rows += r
+            fits.update(f)
+            bar.update(1)
     from .spatial import data_basis
 
     q = data_basis(S, args.power).shape[1]
@@ -180,7 +193,7 @@ def _run_scan(args) -> dict:
     return {"data_directions": q, "results": rows}
 
 
-def _pixel_field(column: np.ndarray, size, channels: int) -> np.ndarray:
+def _pixel_field(column: "np.ndarray", size, channels: int) -> "np.ndarray":
     """One output pixel's column of W as an (h, w) image of input weights (summed over channels)."""
     h, w = size
     return column.reshape(h, w, channels).sum(axis=2) if channels > 1 else column.reshape(h, w)
@@ -190,6 +203,7 @@ def plot(rows, fits, ratios, patches, size, channels: int, path: str) -> None:
     """Heatmaps of the mean distance (on the data and over all weights) beside the weights one output pixel
     takes from every input pixel, for PCA and for the largest ratio at each patch size."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -259,44 +273,56 @@ def _run_findings(args) -> dict:
     from .findings import ising_findings, jacobian_claims, jacobian_findings, optimum_check
     from .images import folder_paths, image_matrix, sample_paths
 
+    bar = _bar(args, 6, "theory, Theorem 1 by brute force")
+    say = _writer(bar)
     paths = sample_paths() if args.sample else folder_paths(args.images)
     X = image_matrix(paths, 8, n_samples=2048, seed=args.seed)
     if not args.no_center:
         X = X - X.mean(axis=0)
-    optimum = [optimum_check(X, 8, 4, m, rank=4, starts=3, seed=args.seed) for m in (0.25, 0.75)]
-    print(f"Theorem 1 by brute force: {_source(args)}, 8x8 crops, p=4, rank 4; L-BFGS from 3 random starts on "
+    optimum = []
+    for m in (0.25, 0.75):
+        optimum.append(optimum_check(X, 8, 4, m, rank=4, starts=3, seed=args.seed))
+        bar.update(1)
+    say(f"Theorem 1 by brute force: {_source(args)}, 8x8 crops, p=4, rank 4; L-BFGS from 3 random starts on "
           "the loss summed over all 16 masks, against the closed form")
-    print(format_table(optimum, ["mask_ratio", "closed_form_loss", "found_loss", "rel_gap", "max_angle",
+    say(format_table(optimum, ["mask_ratio", "closed_form_loss", "found_loss", "rel_gap", "max_angle",
                                  "paper_form_rel_diff", "closed_form_rel_diff"]))
 
+    bar.set_description("theory, Ising border weights")
     ising = ising_findings()
+    bar.update(1)
     ratios = sorted({r["mask_ratio"] for r in ising})
     table = [{"coupling": J, **{f"m={m:g}": r["border_ratio"] for m in ratios for r in ising
                                if r["coupling"] == J and r["mask_ratio"] == m}}
              for J in sorted({r["coupling"] for r in ising})]
-    print("\nIsing-like field tanh(J)^(|dr|+|dc|), 16x16, p=4, rank 15: encoder weight on patch-border pixels "
+    say("\nIsing-like field tanh(J)^(|dr|+|dc|), 16x16, p=4, rank 15: encoder weight on patch-border pixels "
           "/ on interior pixels (< 1: PCA favours the interior; MAE > 1, growing with m)")
-    print(format_table(table, ["coupling", *[f"m={m:g}" for m in ratios]]))
+    say(format_table(table, ["coupling", *[f"m={m:g}" for m in ratios]]))
 
+    bar.set_description("theory, image statistics")
     S = _second_moment(args)
+    bar.update(1)
     ratios = sorted(set(args.mask_ratios) - {0.0}) or [0.75]
     patches = sorted(set(args.patch_sizes))
     jac = {}
     for name, label, cov in (("images", f"{_source(args)} {args.size}x{args.size}", S),
                              ("power_law", f"stationary 1/f^2 field {args.size}x{args.size}",
                               power_law_covariance(args.size))):
+        bar.set_description(f"theory, Jacobian locality ({name})")
         rows = jacobian_findings(cov, args.size, args.rank, ratios, patches, noise=args.dae_noise, power=args.power,
                                  keep_profiles=bool(args.plot))
+        bar.update(1)
         jac[name] = rows
-        print(f"\nJacobian locality, {label}, rank {args.rank}, DAE noise {args.dae_noise:g} x pixel variance: "
+        say(f"\nJacobian locality, {label}, rank {args.rank}, DAE noise {args.dae_noise:g} x pixel variance: "
               "decay length of mean |W| against distance and mean distance (px), on the data / all weights")
         cells = [{k: ("> image" if v is None and k.endswith("decay") else ("-" if v is None else v))
                   for k, v in r.items()} for r in rows]
-        print(format_table(cells, ["model", "mask_ratio", "patch_size", "data_jacobian_decay", "jacobian_decay",
+        say(format_table(cells, ["model", "mask_ratio", "patch_size", "data_jacobian_decay", "jacobian_decay",
                                    "data_mean_distance", "mean_distance"]))
         for key in ("data_jacobian_decay", "data_mean_distance"):
             c = jacobian_claims(rows, key)
-            print(f"  {key}: " + ", ".join(f"{claim} {'yes' if ok else 'NO'}" for claim, ok in c.items()))
+            say(f"  {key}: " + ", ".join(f"{claim} {'yes' if ok else 'NO'}" for claim, ok in c.items()))
+    bar.close()
     if args.plot:
         plot_findings(jac, ising, args.plot)
     return {"optimum": optimum, "ising": ising,
@@ -304,9 +330,18 @@ def _run_findings(args) -> dict:
                          for k, v in jac.items()}}
 
 
+def _writer(bar):
+    """print() for text shown while ``bar`` runs: the bar is cleared, the text printed, the bar redrawn."""
+    def say(*parts) -> None:
+        bar.write(" ".join(str(x) for x in parts), file=sys.stdout)
+
+    return say
+
+
 def plot_findings(jac: dict, ising: list, path: str) -> None:
     """Mean |W| against distance (on the data) for AE, DAE and the MAE, per field; the Ising border ratio."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
@@ -50,10 +49,11 @@ import torch
 import torch.nn as nn
 
 from .. import reference
-from . import flops, report, timing
+from . import defaults, flops, report, timing
+from .progress import bar as progress_bar
 
-CPU_DEFAULT = dict(model="mae_vit_tiny_patch8", batch_size=32, steps=20, warmup=3)
-GPU_DEFAULT = dict(model="mae_vit_base_patch16", batch_size=256, steps=30, warmup=5)
+CPU_DEFAULT = defaults.BENCH["cpu"]
+GPU_DEFAULT = defaults.BENCH["cuda"]
 ALL_VARIANTS = ["reference", "reference+compile", "mae_fast", "mae_fast+compile", "mae_fast+graph"]
 GRAPH = "mae_fast+graph"
 
@@ -412,8 +412,8 @@ class _Runner:
             i += 1
             if capturing and self.train_step.captured:
                 self.capture_peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            if bar:
-                bar(f"{self.name} warm-up", min(i, n), n)
+            if bar is not None and i <= n:
+                bar.update(1)
 
     def timed_step(self) -> None:
         cuda = self.device.type == "cuda"
@@ -437,13 +437,12 @@ class _Runner:
             self.events = []
 
 
-def _stderr_progress(label: str, i: int, n: int) -> None:
-    width = 24
-    done = int(width * i / n)
-    sys.stderr.write(f"\r  {label:<26} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def cpu_load() -> Optional[float]:
+    """The 1-minute load average (None where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _images(cfg: BenchConfig, dims: flops.MAEDims, device: torch.device, rank: int) -> List[torch.Tensor]:
@@ -470,6 +469,7 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     """Run the variants of ``cfg`` interleaved and return the results document (provenance + results).
 
     ``peak``: (FLOP/s, source) to reuse instead of measuring (the sweep measures once).
+    ``progress``: a progress bar on stderr.
     """
     check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
     device = cfg.resolved_device()
@@ -478,9 +478,9 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     distributed = _dist_setup(device)
     rank = _rank()
     world = _world_size() if distributed else 1
-    show = progress and sys.stderr.isatty() and rank == 0  # a bar on a terminal, nothing in logs
-    bar = _stderr_progress if show else None
     cuda = device.type == "cuda"
+    load = cpu_load() if device.type == "cpu" else None  # before this run adds its own
+    bar = progress_bar(len(names) * cfg.warmup + cfg.steps, "bench", enabled=progress and rank == 0)
 
     if any(n.endswith("+compile") for n in names):
         # fresh compile caches: new model instances would otherwise count as recompiles of the same code,
@@ -492,6 +492,7 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     runners: List[_Runner] = []
     for name in names:
         before = torch.cuda.memory_allocated(device) if cuda else 0
+        bar.set_description(f"bench, {name} build and warm-up")
         r = _Runner(name, cfg, device, imgs_pool, distributed)
         r.warm_up(cfg.warmup, bar)
         if cuda:
@@ -500,17 +501,19 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
             r.allocated_before = before
         runners.append(r)
     if peak is None:
+        bar.set_description("bench, measuring the matmul peak")
         peak = measure_peak(cfg, device)
     peak_flops, peak_source = peak
 
+    bar.set_description("bench, timed steps (interleaved)")
     for i in range(cfg.steps):  # interleaved rounds: one step of each variant
         for r in runners:
             r.timed_step()
         if cuda and (i + 1) % 8 == 0:
             for r in runners:
                 r.collect()
-        if bar:
-            bar("timed steps (interleaved)", i + 1, cfg.steps)
+        bar.update(1)
+    bar.close()
     for r in runners:
         r.collect()
 
@@ -564,6 +567,10 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
                          img_size=cfg.img_size or dims.img_h, patch_size=cfg.patch_size or dims.patch_size,
                          video=dims.video, input_shape=list(dims.input_shape(cfg.batch_size)),
                          num_patches=dims.num_patches)
+    if device.type == "cpu":
+        doc["config"]["threads"] = torch.get_num_threads()
+        doc["config"]["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+        doc["load_average_1min"] = load
     doc["peak_flops_per_s"] = peak_flops
     doc["peak_source"] = peak_source
     doc["notes"] = {
@@ -616,6 +623,36 @@ def batch_words(config: dict) -> str:
     return f"batch {config['batch_size']}" + (" clips" if is_video(config) else "")
 
 
+def on_words(doc: dict) -> str:
+    """'on NVIDIA H200' or 'on cpu: x86_64 (2 logical cores), 2 threads'."""
+    threads = doc["config"].get("threads")
+    return f"on {doc['device']}" + (f", {threads} thread{'' if threads == 1 else 's'}" if threads else "")
+
+
+def notes(doc: dict) -> List[str]:
+    """Warnings a reader of the table needs: a busy CPU, an MFU the measured peak cannot explain."""
+    out = []
+    c = doc["config"]
+    load, threads, cores = doc.get("load_average_1min"), c.get("threads"), os.cpu_count() or 1
+    if load is not None and threads and load + threads > cores + 0.5:
+        busy = f"note: the CPU was busy (1-minute load average {load:.1f} on {cores} logical cores)"
+        if threads > 1 and str(c.get("omp_wait_policy")).upper() != "PASSIVE":
+            out.append(f"{busy} and {threads} OpenMP threads spun while they waited for each other, which can make "
+                       "steps many times slower: set OMP_WAIT_POLICY=PASSIVE (the mae-fast command's default) or "
+                       "use --threads 1")
+        else:
+            out.append(f"{busy}: other work shared the cores, so these times are longer and noisier than on an "
+                       "idle machine")
+    mfus = [r["mfu"] for r in doc["results"] if r.get("mfu") is not None]
+    if c.get("dtype") == "bf16" and str(c.get("device", "")).startswith("cpu"):
+        out.append("note: mfu in bf16 on a CPU is against a bf16 matmul measured here; a CPU without bf16 "
+                   "arithmetic runs that slowly, so the figure says little (compare fp32 runs, or give --peak-tflops)")
+    elif mfus and max(mfus) > 1:
+        out.append(f"note: mfu above 1: the step ran faster than the peak it is measured against "
+                   f"({doc['peak_source']}); give --peak-tflops for a real ceiling")
+    return out
+
+
 def format_results(doc: dict) -> str:
     rows = []
     c = doc["config"]
@@ -631,7 +668,7 @@ def format_results(doc: dict) -> str:
             speedup="-" if r["speedup_vs_reference"] is None else r["speedup_vs_reference"],
         ))
     head = (f"{c['model']}  {describe_input(c)}  {batch_words(c)}  mask ratio "
-            f"{c['mask_ratio']}  {c['dtype']}  on {doc['device']}"
+            f"{c['mask_ratio']}  {c['dtype']}  {on_words(doc)}"
             + (f" x{c['world_size']} (DDP; {'clips' if video else 'images'}/s is the total)"
                if c.get("world_size", 1) > 1 else "")
             + f"  ({c['steps']} timed steps each, interleaved, after {c['warmup']} warm-up)")
@@ -643,4 +680,5 @@ def format_results(doc: dict) -> str:
                          "no graph")
     for v, why in doc.get("skipped_variants", {}).items():
         lines.append(f"skipped {v}: {why}")
+    lines.extend(notes(doc))
     return "\n".join(lines)

@@ -29,6 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from . import bench, report
+from .progress import bar as progress_bar
 
 CATEGORIES = ["masking", "gather", "patch_embed", "attention", "gemm", "norm", "unshuffle", "loss", "optimizer", "other"]
 _SCOPE = "mae::"
@@ -168,13 +169,15 @@ def categorize(e, seq_scope: Dict[int, str]) -> str:
 
 
 # --------------------------------------------------------------------------- the run
-def profile_variant(name: str, cfg: bench.BenchConfig, trace_path: Optional[str] = None, top: int = 15) -> dict:
-    """Warm up ``cfg.warmup`` steps, then profile one training step of variant ``name``."""
+def profile_variant(name: str, cfg: bench.BenchConfig, trace_path: Optional[str] = None, top: int = 15,
+                    bar=None) -> dict:
+    """Warm up ``cfg.warmup`` steps, then profile one training step of variant ``name`` (``bar``: a progress
+    bar to advance by one per step)."""
     device = cfg.resolved_device()
     dims = cfg.dims()
     imgs = bench._images(cfg, dims, device, 0)  # images, or clips [N, C, T, H, W] for video
     runner = bench._Runner(name, cfg, device, imgs, distributed=False)
-    runner.warm_up(cfg.warmup)  # a +graph variant: until captured, so that the profiled step is a replay
+    runner.warm_up(cfg.warmup, bar)  # a +graph variant: until captured, so that the profiled step is a replay
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -187,6 +190,8 @@ def profile_variant(name: str, cfg: bench.BenchConfig, trace_path: Optional[str]
                 torch.cuda.synchronize(device)
     finally:
         scopes.close()
+    if bar is not None:
+        bar.set_description(f"profile, {name} reading the profile")
     events = prof.events()
     totals = classify_events(events, device_time=cuda)
     step_us = sum(totals.values())
@@ -200,6 +205,8 @@ def profile_variant(name: str, cfg: bench.BenchConfig, trace_path: Optional[str]
         top_ops.append({"op": a.key, "calls": a.count, "self_ms": t / 1e3, "fraction": t / step_us if step_us else 0.0})
     if trace_path:
         _export_trace(prof, trace_path)
+    if bar is not None:
+        bar.update(1)
     return {
         "variant": name,
         "time_kind": "device (CUDA kernels)" if cuda else "host (CPU)",
@@ -228,13 +235,15 @@ def _export_trace(prof, path: str) -> None:
 
 
 def run(cfg: bench.BenchConfig, trace_dir: Optional[str] = None, argv: Optional[List[str]] = None,
-        top: int = 15) -> dict:
+        top: int = 15, progress: bool = True) -> dict:
     bench.check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
     names, skipped = bench.resolve_variants(cfg)
     results = []
-    for name in names:
-        trace = os.path.join(trace_dir, f"trace_{name.replace('+', '_')}.json.gz") if trace_dir else None
-        results.append(profile_variant(name, cfg, trace, top))
+    with progress_bar(len(names) * (cfg.warmup + 1), "profile", enabled=progress) as bar:
+        for name in names:
+            bar.set_description(f"profile, {name} build, warm-up, profiled step")
+            trace = os.path.join(trace_dir, f"trace_{name.replace('+', '_')}.json.gz") if trace_dir else None
+            results.append(profile_variant(name, cfg, trace, top, bar))
     device = cfg.resolved_device()
     doc = report.provenance(argv, device)
     dims = cfg.dims()
@@ -243,6 +252,8 @@ def run(cfg: bench.BenchConfig, trace_dir: Optional[str] = None, argv: Optional[
                          tube_masking=dims.tube_masking, video=dims.video,
                          input_shape=list(dims.input_shape(cfg.batch_size)), dtype=cfg.resolved_dtype(),
                          device=str(device), warmup=cfg.warmup, variants=names)
+    if device.type == "cpu":
+        doc["config"]["threads"] = torch.get_num_threads()
     doc["notes"] = {"categories": "self time of every op in one step, each op in one category (see mae_fast/tools/profile.py)"}
     if skipped:
         doc["skipped_variants"] = skipped
@@ -254,7 +265,7 @@ def format_results(doc: dict) -> str:
     res = doc["results"]
     c = doc["config"]
     lines = [f"profile: {c['model']}  {bench.describe_input(c)}  {bench.batch_words(c)}  mask ratio "
-             f"{c['mask_ratio']}  {c['dtype']}  on {doc['device']}  (one step; {res[0]['time_kind'] if res else ''} time)"]
+             f"{c['mask_ratio']}  {c['dtype']}  {bench.on_words(doc)}  (one step; {res[0]['time_kind'] if res else ''} time)"]
     rows = []
     for cat in CATEGORIES + ["total"]:
         row = {"category": cat}

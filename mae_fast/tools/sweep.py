@@ -11,6 +11,10 @@ peak memory, FLOPs per image, MFU, and two speedups:
 
 ``ideal_encoder_speedup`` = 1 / (1 - ratio) is the encoder-only bound for comparison (the decoder
 still runs on every token, so an end-to-end step stays below it).
+Points where the MAE keeps no patch (K = int(L (1 - ratio)) = 0, e.g. 4 patches at ratio 0.85) are not
+run: the document lists them under ``skipped_points`` and the table below its rows. A variant that fails
+at a point (out of memory, say) gets a row with ``error``; the table marks it ``failed`` and prints the
+message below.
 With ``theory`` (a folder of images, or "sample" for the bundled photographs), the linear-MAE
 prediction of the learned spatial scale (``mae_fast.theory.predicted_scales``) sits beside each point.
 
@@ -21,19 +25,18 @@ images and is refused there.
 from __future__ import annotations
 
 import gc
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import torch
 
-from . import bench, flops, report
+from . import bench, defaults, flops, report
+from .progress import bar as progress_bar
 
-DEFAULT_RATIOS = [0.0, 0.5, 0.6, 0.75, 0.85, 0.9, 0.95]
-DEFAULT_PATCHES = [8, 14, 16, 32]
-GPU_DEFAULT = dict(model="mae_vit_base_patch16", batch_size=64, steps=8, warmup=2, patch_sizes=DEFAULT_PATCHES)
-# the CPU default: the tiny config at 64x64 (patch sizes must divide 64)
-CPU_DEFAULT = dict(model="mae_vit_tiny_patch8", batch_size=8, steps=3, warmup=1, patch_sizes=[8, 16, 32])
+DEFAULT_RATIOS = defaults.SWEEP_RATIOS
+GPU_DEFAULT = defaults.SWEEP["cuda"]
+CPU_DEFAULT = defaults.SWEEP["cpu"]  # the tiny config at 64x64 (patch sizes must divide 64)
+DEFAULT_PATCHES = GPU_DEFAULT["patch_sizes"]
 
 
 @dataclass
@@ -155,17 +158,24 @@ def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = Tru
         images = None if cfg.theory == "sample" else cfg.theory
         theory_rows = predicted_scales([(r, p) for p in patches for r in ratios], images=images, image_size=img,
                                        size=cfg.theory_size, rank=cfg.theory_rank)
-    show = progress and sys.stderr.isatty()
-    n_points, done = len(ratios) * len(patches), 0
-    rows: List[dict] = []
+    points, skipped_points = [], []
     for p in patches:
+        dims = flops.dims_of_config(cfg.model, img, p, **flops.video_kwargs(cfg.num_frames, cfg.t_patch_size,
+                                                                            cfg.tube_masking))
         for r in ratios:
+            if dims.num_kept(r) >= 1:
+                points.append((p, r))
+            else:
+                skipped_points.append({"patch_size": p, "mask_ratio": r, "patches": dims.num_patches,
+                                       "why": "the MAE keeps no patch: int(L (1 - ratio)) = 0"})
+    rows: List[dict] = []
+    with progress_bar(len(points), "sweep", enabled=progress, unit="point") as bar:
+        for p, r in points:
+            bar.set_description(f"sweep, p={p} ratio={r:g}")
             for row in _point(cfg, img, p, r, variants, peak, argv):
                 rows.append(dict(row, patch_size=p, mask_ratio=r, ideal_encoder_speedup=1.0 / (1.0 - r)))
             _free(device)
-            done += 1
-            if show:
-                bench._stderr_progress(f"sweep p={p} ratio={r:g}", done, n_points)
+            bar.update(1)
     # speedups
     by = {(x["patch_size"], x["mask_ratio"], x["variant"]): x for x in rows}
     for x in rows:
@@ -199,8 +209,12 @@ def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     }
     if _video(cfg):
         doc["notes"]["video"] = "one sample is a clip [C, T, H, W]: images_per_s and flops_per_image are per clip"
+    if device.type == "cpu":
+        doc["config"]["threads"] = torch.get_num_threads()
     if skipped:
         doc["skipped_variants"] = skipped
+    if skipped_points:
+        doc["skipped_points"] = skipped_points
     if theory_rows is not None:
         doc["theory"] = {"images": cfg.theory, "rows": theory_rows}
     doc["results"] = rows
@@ -225,10 +239,12 @@ def format_results(doc: dict) -> str:
     cols = [rate if c == "images_per_s" else c for c in TABLE_COLUMNS]
     if "theory" in doc:
         cols.append("predicted_mean_distance_px")
+    failures = []
     for x in doc["results"]:
         if "error" in x:
             rows.append({"patch_size": x["patch_size"], "mask_ratio": x["mask_ratio"], "variant": x["variant"],
-                         rate: "error: " + x["error"][:60]})
+                         rate: "failed", **{c: "-" for c in cols[4:]}})
+            failures.append(f"failed: p={x['patch_size']} ratio={x['mask_ratio']:g} {x['variant']}: {x['error']}")
             continue
         rows.append(dict(x, clips_per_s=x["images_per_s"],
                          peak_mem_MiB="-" if x.get("peak_mem_bytes") is None else x["peak_mem_bytes"] / 2**20,
@@ -237,21 +253,30 @@ def format_results(doc: dict) -> str:
                                                      else x["predicted_mean_distance_px"]),
                          speedup_vs_reference="-" if x["speedup_vs_reference"] is None else x["speedup_vs_reference"]))
     c = doc["config"]
-    head = (f"sweep: {c['model']}  {_describe(c)}  {bench.batch_words(c)}  {c['dtype']}  on {doc['device']}  "
-            f"({c['steps']} timed steps per point, variants interleaved)")
-    lines = [head, report.format_table(rows, cols)]
+    head = (f"sweep: {c['model']}  {_describe(c)}  {bench.batch_words(c)}  {c['dtype']}  {bench.on_words(doc)}  "
+            f"({c['steps']} timed steps per point after {c['warmup']} warm-up, variants interleaved)")
+    lines = [head, report.format_table(rows, cols), *failures]
+    by_patch: dict = {}
+    for x in doc.get("skipped_points", []):
+        by_patch.setdefault((x["patch_size"], x["patches"]), []).append(f"{x['mask_ratio']:g}")
+    for (p, n), rs in by_patch.items():
+        lines.append(f"not run at p={p} ({n} patches), ratio {', '.join(rs)}: the MAE keeps no patch "
+                     "(int(L (1 - ratio)) = 0)")
     for v, why in doc.get("skipped_variants", {}).items():
         lines.append(f"skipped {v}: {why}")
+    not_run = {(x["patch_size"], x["mask_ratio"]) for x in doc.get("skipped_points", [])}
     for t in doc.get("theory", {}).get("rows", []):
-        if t.get("flag"):
+        if t.get("flag") and (t["patch_size"], t["mask_ratio"]) not in not_run:
             lines.append(f"theory at p={t['patch_size']} ratio={t['mask_ratio']:g}: no prediction, {t['flag']}")
     return "\n".join(lines)
 
 
 def plot(doc: dict, path: str) -> None:
     """PNG: speedup over the unmasked reference step against the mask ratio, one curve per patch size
-    (solid: mae_fast, dashed: reference), with the ideal encoder-only curve 1/(1 - ratio). With theory
-    rows, a second panel: measured speedup against the predicted spatial scale, point by point."""
+    (solid: mae_fast, dashed: reference), with the ideal encoder-only curve 1/(1 - ratio). Bars: the
+    point's p20-p80 step times (against the baseline's median). Points that failed or were not run are
+    listed under the plot. With theory rows, a second panel: measured speedup against the predicted
+    spatial scale, point by point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,10 +294,13 @@ def plot(doc: dict, path: str) -> None:
     styles = {"reference": "--", "reference+compile": ":", "mae_fast": "-", "mae_fast+compile": "-."}
     for i, p in enumerate(patches):
         for v in sorted({x["variant"] for x in rows}):
-            pts = sorted((x["mask_ratio"], x["speedup_vs_ratio0"]) for x in rows if x["patch_size"] == p and x["variant"] == v)
+            pts = sorted((x["mask_ratio"], x["speedup_vs_ratio0"], *_spread(x)) for x in rows
+                         if x["patch_size"] == p and x["variant"] == v)
             if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], styles.get(v, "-"), marker="o", ms=3,
-                        color=colors[i % len(colors)], label=f"p={p} {v}")
+                xs, ys, lo, hi = (list(t) for t in zip(*pts))
+                ax.errorbar(xs, ys, yerr=[[max(0.0, y - a) for y, a in zip(ys, lo)], [max(0.0, b - y) for y, b in zip(ys, hi)]],
+                            fmt=styles.get(v, "-"), marker="o", ms=3, capsize=2, elinewidth=0.8,
+                            color=colors[i % len(colors)], label=f"p={p} {v}")
     grid = [r / 100 for r in range(0, int(max(ratios) * 100) + 1)] if ratios else []
     ax.plot(grid, [1 / (1 - r) for r in grid], "k:", label="ideal encoder-only 1/(1-r)")
     ax.set_yscale("log")
@@ -299,6 +327,21 @@ def plot(doc: dict, path: str) -> None:
                       fontsize=9)
         ax2.grid(True, which="both", alpha=0.3)
         ax2.legend(fontsize=7)
-    fig.tight_layout()
+    missing = [f"p={x['patch_size']} ratio {x['mask_ratio']:g} {x['variant']} failed" for x in doc["results"]
+               if "error" in x]
+    missing += [f"p={x['patch_size']} ratio {x['mask_ratio']:g} not run (keeps no patch)"
+                for x in doc.get("skipped_points", [])]
+    if missing:
+        shown = missing[:8] + ([f"and {len(missing) - 8} more"] if len(missing) > 8 else [])
+        fig.text(0.01, 0.01, "not plotted: " + "; ".join(shown), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if missing else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _spread(x: dict) -> tuple:
+    """(low, high) speedup from the point's p80 and p20 step times (its median gives the speedup itself)."""
+    s, med = x["speedup_vs_ratio0"], x.get("step_ms_median")
+    if not med or not x.get("step_ms_p20") or not x.get("step_ms_p80"):
+        return s, s
+    return s * med / x["step_ms_p80"], s * med / x["step_ms_p20"]

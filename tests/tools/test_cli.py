@@ -252,3 +252,101 @@ def test_bad_settings_clear_errors(argv, msg):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert isinstance(e.value.code, str) and e.value.code.startswith("mae-fast ") and msg in e.value.code
+
+
+# ----------------------------------------------------------------------------- command-line habits
+def test_help_needs_no_torch():
+    """`mae-fast --help` builds every parser without importing torch (it answers at once)."""
+    code = ("import sys; from mae_fast.tools import cli; cli.build_parser(); "
+            "sys.exit(3 if 'torch' in sys.modules or 'numpy' in sys.modules else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_told(given, expected):
+    """Spinning OpenMP threads made CPU steps many times slower on a busy machine: the command asks for
+    sleeping ones before torch loads OpenMP, unless OMP_WAIT_POLICY is set."""
+    code = ("import os\nfrom mae_fast.tools import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.split()[-1] == expected, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("cmd,expected", [
+    ("bench", ["--steps STEPS  timed steps per variant (default: 20 on a CPU, 30 on a GPU)",
+               "--warmup WARMUP  untimed warm-up steps (default: 3 on a CPU, 5 on a GPU)",
+               "--mask-ratio MASK_RATIO  fraction of patches removed (default: 0.75)",
+               "--batch-size BATCH_SIZE  per device (default: 32 on a CPU, 256 on a GPU)"]),
+    ("sweep", ["(default: 10 on a CPU, 8 on a GPU)", "(default: 0,0.5,0.6,0.75,0.85,0.9,0.95)"]),
+    ("profile", ["untimed warm-up steps (default: 3)", "top ops listed per variant (default: 15)"]),
+    ("pretrain", ["(default: 600 on a CPU, 100000 on a GPU)", "(default: 0.00015)", "(default: output_dir)"]),
+])
+def test_help_shows_defaults(cmd, expected, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for want in expected:
+        assert " ".join(want.split()) in text
+    assert "(default: True)" not in text and "(default: None)" not in text
+
+
+def test_python_dash_m_names_itself(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mae_fast", "bench", "--mask-ratio", "2"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("usage: python -m mae_fast bench")
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", *TINY, "--variants", "reference", "--peak-tflops", "1", "--json", str(out)],
+                    prog="python -m mae_fast") == 0
+    assert json.loads(out.read_text())["command"].startswith("python -m mae_fast bench --device cpu")
+
+
+def test_mask_ratio_that_keeps_no_patch_is_a_clear_error():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--mask-ratio", "0.99"])
+    assert e.value.code == ("mae-fast bench: --mask-ratio 0.99 keeps no patch: K = int(64 x (1 - 0.99)) = 0 of 64 "
+                            "patches; 0.98 or less keeps at least one")
+    with pytest.raises(SystemExit, match="--mask-ratio 0.9 keeps no patch"):
+        cli.main(["profile", "--device", "cpu", "--img-size", "16", "--mask-ratio", "0.9"])
+
+
+def test_threads_flag_and_progress_bar(tmp_path, capsys):
+    before = torch.get_num_threads()
+    out = tmp_path / "b.json"
+    try:
+        assert cli.main(["bench", *[a for a in TINY if a != "--no-progress"], "--variants", "reference",
+                         "--peak-tflops", "1", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    doc = json.loads(out.read_text())
+    assert doc["config"]["threads"] == 1 and "load_average_1min" in doc
+    assert doc["config"]["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]  # PASSIVE unless set before
+    captured = capsys.readouterr()
+    assert ", 1 thread  (" in captured.out.splitlines()[0]
+    assert "bench, timed steps (interleaved)" in captured.err and "100%" in captured.err
+    assert "3/3 [" in captured.err  # 1 warm-up + 2 timed steps, with elapsed<remaining
+
+
+def _doc(**config):
+    return {"config": {"device": "cpu", "dtype": "fp32", "threads": 2, "omp_wait_policy": "PASSIVE", **config},
+            "results": [{"mfu": 0.5}], "peak_source": "measured: 1024x1024 float32 matmul (p20)"}
+
+
+def test_notes_under_the_table(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert bench.notes(_doc()) == [] and bench.notes(dict(_doc(), load_average_1min=0.3)) == []
+    (busy,) = bench.notes(dict(_doc(), load_average_1min=2.3))
+    assert "load average 2.3 on 2 logical cores" in busy and "longer and noisier" in busy
+    (spin,) = bench.notes(dict(_doc(omp_wait_policy=None), load_average_1min=2.3))
+    assert "spun" in spin and "OMP_WAIT_POLICY=PASSIVE" in spin and "--threads 1" in spin
+    (one,) = bench.notes(dict(_doc(threads=1, omp_wait_policy=None), load_average_1min=2.3))
+    assert "longer and noisier" in one  # one thread cannot spin against another
+    (bf16,) = bench.notes(_doc(dtype="bf16"))
+    assert "bf16 on a CPU" in bf16
+    high = dict(_doc(), results=[{"mfu": 4.39}])
+    (note,) = bench.notes(high)
+    assert "mfu above 1" in note and "--peak-tflops" in note

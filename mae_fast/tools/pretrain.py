@@ -1,0 +1,528 @@
+"""`mae-fast pretrain`: MAE pretraining on a folder of images, with the official recipe.
+
+Built on the library's own pieces: the fast model (``mae_fast.models``) trained by ``mae_fast.TrainStep``
+(on CUDA the whole step is one CUDA graph replay). The recipe is the official one (He et al. 2021,
+``main_pretrain.py``):
+
+- data: RandomResizedCrop (area 20-100 %, aspect 3/4-4/3, bicubic), horizontal flip with probability 1/2,
+  ImageNet mean/std normalisation (written here with Pillow and torch; torchvision is not needed);
+- AdamW with betas (0.9, 0.95) and weight decay 0.05, none on biases and other 1-D parameters;
+- learning rate ``blr * batch / 256`` (``--lr`` sets it directly), linear warm-up then cosine decay to
+  ``min_lr``, per step (the official schedule is per iteration too, in fractional epochs);
+- the normalized-pixel loss (``norm_pix_loss``), mask ratio 0.75.
+
+Data order is reproducible and independent of the number of loader workers: the batches are consecutive
+pieces of an endless sequence of shuffled epochs (epoch e is a permutation seeded by (seed, e)), and each
+sample's crop and flip come from a generator seeded by its position in that sequence. So a resumed run
+reads exactly the images an uninterrupted run would, and a folder with fewer images than a batch works.
+
+Output folder: ``checkpoint.pth`` (the latest: model, optimizer, scheduler, step, RNG states, the config;
+``model`` has the official MAE's keys), ``recon_<step>.png`` (original / masked / reconstruction /
+reconstruction with the visible patches pasted back, for a few fixed images and a fixed mask) and
+``log.jsonl`` (one JSON line per logged step). A folder that holds a checkpoint is only continued
+(``resume``), never started over. One process, one device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from . import defaults
+from .progress import bar as progress_bar
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+CACHE_MAX_IMAGES = 256  # folders up to this size are decoded once and kept in memory
+CHECKPOINT = "checkpoint.pth"
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run. ``images``: a folder (searched recursively), or None for the sample photographs
+    shipped with scikit-image. Sizes left None take the device's default (``defaults.PRETRAIN``) or the
+    model's own (``img_size``)."""
+
+    images: Optional[str] = None
+    output_dir: str = "output_dir"
+    model: Optional[str] = None
+    img_size: Optional[int] = None
+    batch_size: Optional[int] = None
+    steps: Optional[int] = None
+    epochs: Optional[float] = None  # instead of steps: passes over the images
+    warmup_steps: Optional[int] = None  # None: 5 % of the steps (the official 40 of 800 epochs)
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    blr: float = 1.5e-4
+    lr: Optional[float] = None  # None: blr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    grad_clip: Optional[float] = None  # the official pretraining does not clip
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    workers: Optional[int] = None  # None: min(8, cores // 2 - 1)
+    seed: int = 0
+    log_every: int = 10
+    save_every: Optional[int] = None  # steps between checkpoints (0: only at the end)
+    recon_every: Optional[int] = None  # steps between reconstruction pictures (0: only at the end)
+    recon_images: int = 4
+    resume: Optional[str] = None  # a checkpoint to continue from
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve(self, num_images: int) -> "PretrainConfig":
+        """A copy with every default filled in (device-dependent sizes, steps from epochs, lr, warm-up)."""
+        kind = "cuda" if self.resolved_device().type == "cuda" else "cpu"
+        table = defaults.PRETRAIN[kind]
+        out = PretrainConfig(**asdict(self))
+        out.device = str(self.resolved_device())
+        out.model = out.model or table["model"]
+        out.batch_size = out.batch_size or table["batch_size"]
+        for key in ("save_every", "recon_every"):
+            if getattr(out, key) is None:
+                setattr(out, key, table[key])
+        if out.img_size is None:
+            from ..configs import config
+
+            out.img_size = int(config(out.model).get("img_size", 224))
+        if out.steps is None:
+            out.steps = (max(1, math.ceil(out.epochs * num_images / out.batch_size)) if out.epochs is not None
+                         else table["steps"])
+        out.epochs = None
+        if out.warmup_steps is None:
+            out.warmup_steps = out.steps // 20
+        if out.lr is None:
+            out.lr = out.blr * out.batch_size / 256
+        if out.dtype == "auto":
+            out.dtype = "bf16" if kind == "cuda" else "fp32"
+        if out.workers is None:
+            out.workers = min(8, max(0, (os.cpu_count() or 1) // 2 - 1))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- data
+def find_images(folder) -> List[Path]:
+    """Image files under ``folder`` (subfolders included, e.g. an ImageNet class layout), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
+    return paths
+
+
+def sample_images() -> List[Path]:
+    """The photographs shipped inside scikit-image (read from its package folder; nothing is downloaded)."""
+    from ..theory.images import sample_paths
+
+    return sample_paths()
+
+
+def random_resized_crop_box(width: int, height: int, gen: torch.Generator, scale=(0.2, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random crop with area ``scale`` of the image and aspect ``ratio``
+    (log-uniform), as RandomResizedCrop draws it: ten tries, then the largest centred crop of an allowed
+    aspect."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(3, generator=gen).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            return left, top, left + w, top + h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def center_box(width: int, height: int) -> Tuple[int, int, int, int]:
+    """The largest centred square."""
+    s = min(width, height)
+    left, top = (width - s) // 2, (height - s) // 2
+    return left, top, left + s, top + s
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB image -> [3, H, W] float32, ImageNet-normalised."""
+    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """[3, H, W] ImageNet-normalised -> uint8 [H, W, 3]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    img = (x.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return img.permute(1, 2, 0).cpu().numpy()
+
+
+def load_rgb(path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Training samples of the official augmentation. Indexed by (image index, position in the data stream):
+    the position seeds the sample's crop and flip, so the data do not depend on workers or restarts."""
+
+    def __init__(self, paths: Sequence[Path], size: int, seed: int = 0, cache: Optional[bool] = None):
+        self.paths = list(paths)
+        self.size = size
+        self.seed = seed
+        self.cache = len(self.paths) <= CACHE_MAX_IMAGES if cache is None else cache
+        self._decoded = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> Image.Image:
+        if not self.cache:
+            return load_rgb(self.paths[i])
+        if i not in self._decoded:
+            self._decoded[i] = load_rgb(self.paths[i])
+        return self._decoded[i]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        i, position = key
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (2**63))
+        im = self.image(i)
+        box = random_resized_crop_box(im.width, im.height, gen)
+        im = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(im)
+
+    def fixed(self, n: int) -> torch.Tensor:
+        """The first ``n`` images, centre-cropped (no augmentation): [n, 3, size, size]."""
+        out = []
+        for i in range(min(n, len(self))):
+            im = self.image(i)
+            out.append(to_tensor(im.resize((self.size, self.size), Image.Resampling.BICUBIC,
+                                           box=center_box(im.width, im.height))))
+        return torch.stack(out)
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """An endless sequence of shuffled epochs, from sample ``start`` on: yields (image index, position)."""
+
+    def __init__(self, num_images: int, seed: int = 0, start: int = 0):
+        self.n, self.seed, self.start = num_images, seed, start
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        position = self.start
+        epoch, perm = None, None
+        while True:
+            e, offset = divmod(position, self.n)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+            yield int(perm[offset]), position
+            position += 1
+
+
+def loader(dataset: ImageFolder, batch_size: int, start_step: int, workers: int, pin: bool):
+    """Batches from step ``start_step`` on. The loader has its own generator, so it draws nothing from
+    torch's global one (which the masks use)."""
+    sampler = StreamSampler(len(dataset), dataset.seed, start_step * batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=pin, generator=torch.Generator().manual_seed(dataset.seed),
+                                       persistent_workers=False)
+
+
+# -------------------------------------------------------------------------------------- optimisation
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """The official schedule, per step: linear warm-up from 0, then half a cosine from lr to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+    """Weight decay on matrices and tokens, none on biases and norms (1-D), as the official recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build(cfg: PretrainConfig):
+    """(model, optimizer, scheduler) of a resolved config, on its device."""
+    from .. import models
+
+    device = torch.device(cfg.device)
+    model = models.create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss).to(device)
+    graph = dict(fused=True, capturable=True) if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **graph)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg) / cfg.lr)
+    return model, opt, sched
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, opt, sched, step: int, cfg: PretrainConfig) -> None:
+    """Write atomically (a file next to it, then renamed): a crash never leaves half a checkpoint."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": step,
+        "config": asdict(cfg),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, opt, sched) -> int:
+    """Restore model, optimizer, scheduler and RNG states; returns the step to continue from."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"--resume: cannot read {path}: {e}") from None
+    for key in ("model", "optimizer", "scheduler", "step", "rng"):
+        if key not in state:
+            raise ValueError(f"--resume: {path} is not a `mae-fast pretrain` checkpoint (no {key!r})")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        was = state.get("config", {})
+        raise ValueError(f"--resume: {path} holds a {was.get('model')} model at {was.get('img_size')}px, which does "
+                         f"not load into this one: {str(e).splitlines()[0]}") from None
+    opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:  # a CUDA graph run saves lr as a tensor; TrainStep installs its own
+        group["lr"] = float(group["lr"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"][: torch.cuda.device_count()])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------- reconstructions
+@torch.no_grad()
+def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
+    """(masked, reconstruction, reconstruction with the visible patches) for ``imgs`` [N, 3, H, W], with a
+    fixed mask (noise from ``seed``). With norm_pix_loss the model predicts each patch normalised by its own
+    mean and variance; they are taken from the true patch to draw it (the usual way to show such a model)."""
+    N, L = imgs.shape[0], model.patch_embed.num_patches
+    noise = torch.rand(N, L, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    was_training = model.training
+    model.eval()
+    try:
+        _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    finally:
+        model.train(was_training)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = model.patchify(imgs.float())
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    recon = model.unpatchify(pred)  # [N, 3, H, W]
+    p = model.patch_size
+    removed = model.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, p * p * 3))  # 1 where removed
+    masked = imgs * (1 - removed)  # removed patches drawn in the mean colour (0 after normalisation)
+    pasted = imgs * (1 - removed) + recon * removed
+    return masked, recon, pasted
+
+
+def save_reconstructions(path, model, imgs: torch.Tensor, mask_ratio: float, step: int) -> None:
+    """A PNG grid: one row per image; original (headed by the step), masked, reconstruction, reconstruction with
+    the visible patches pasted back."""
+    with torch.random.fork_rng(devices=[imgs.device] if imgs.device.type == "cuda" else []):
+        masked, recon, pasted = reconstruct(model, imgs, mask_ratio)  # leaves the training RNG untouched
+    columns = [f"step {step}", "masked", "reconstruction", "+ visible"]  # the first column: the originals
+    size = imgs.shape[-1]
+    zoom = max(1, 128 // size)  # small images are drawn larger (nearest neighbour)
+    cell, gap, head = size * zoom, 4, 14
+    grid = Image.new("RGB", (len(columns) * (cell + gap) + gap, head + imgs.shape[0] * (cell + gap) + gap), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(columns):
+        draw.text((gap + c * (cell + gap), 2), name, fill="black")
+    for r in range(imgs.shape[0]):
+        for c, x in enumerate((imgs[r], masked[r], recon[r], pasted[r])):
+            tile = Image.fromarray(to_pixels(x)).resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (gap + c * (cell + gap), head + gap + r * (cell + gap)))
+    grid.save(path)
+
+
+# ------------------------------------------------------------------------------------------- the run
+def check_config(cfg: PretrainConfig) -> None:
+    """ValueError naming the flag for settings that cannot run (before anything is loaded)."""
+    from ..configs import NAMES
+
+    if cfg.model is not None and cfg.model not in NAMES:
+        raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {sorted(NAMES)}")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+    for flag, v in (("--lr", cfg.lr), ("--blr", cfg.blr), ("--epochs", cfg.epochs), ("--grad-clip", cfg.grad_clip)):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{flag} must be a positive number, got {v}")
+    if not (cfg.min_lr >= 0 and math.isfinite(cfg.min_lr)):
+        raise ValueError(f"--min-lr must be a number >= 0, got {cfg.min_lr}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ValueError(f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ValueError("give either --steps or --epochs, not both")
+    if cfg.dtype == "fp16":
+        raise ValueError("--dtype fp16 needs loss scaling, which TrainStep does not do; use bf16")
+    dev = cfg.resolved_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {cfg.device!r}: only cpu and cuda are supported")
+
+
+def _check_sizes(cfg: PretrainConfig) -> None:
+    from .flops import dims_of_config
+
+    try:
+        dims = dims_of_config(cfg.model, cfg.img_size)
+    except ValueError as e:
+        raise ValueError(f"--img-size {cfg.img_size}: {e}") from None
+    if dims.num_kept(cfg.mask_ratio) < 1:
+        raise ValueError(f"--mask-ratio {cfg.mask_ratio:g} keeps no patch of {dims.num_patches} "
+                         f"(int(L (1 - ratio)) = 0)")
+    if cfg.warmup_steps > cfg.steps:
+        raise ValueError(f"--warmup-steps {cfg.warmup_steps} is more than --steps {cfg.steps}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
+    """Train; returns a summary (steps, final loss, paths). ``say`` prints the start and end lines."""
+    from ..train import TrainStep
+
+    check_config(cfg)
+    paths = sample_images() if cfg.images is None else find_images(cfg.images)
+    cfg = cfg.resolve(len(paths))
+    _check_sizes(cfg)
+    device = torch.device(cfg.device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    model, opt, sched = build(cfg)
+    start = 0
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / CHECKPOINT)
+    if not resume and (out / CHECKPOINT).exists():
+        raise ValueError(f"{out / CHECKPOINT} exists: --resume continues that run; to start a new one, give another "
+                         "--output-dir (or remove the old run)")
+    if resume:
+        if not os.path.isfile(resume):
+            raise ValueError(f"--resume: no checkpoint at {resume}")
+        start = load_checkpoint(resume, model, opt, sched)
+        if start >= cfg.steps:
+            raise ValueError(f"--resume: {resume} is at step {start}, already at --steps {cfg.steps}; give more "
+                             "--steps to train on")
+    step_fn = TrainStep(model, opt, cfg.mask_ratio, amp=None if cfg.dtype == "fp32" else cfg.dtype,
+                        grad_clip=cfg.grad_clip, scheduler=sched)
+    data = ImageFolder(paths, cfg.img_size, cfg.seed)
+    fixed = data.fixed(cfg.recon_images).to(device)
+    batches = iter(loader(data, cfg.batch_size, start, cfg.workers, pin=device.type == "cuda"))
+
+    source = "the sample photographs" if cfg.images is None else cfg.images
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    threads = f", {_plural(torch.get_num_threads(), 'thread')}" if device.type == "cpu" else ""
+    say(f"pretrain {cfg.model} ({n_params / 1e6:.1f}M parameters) at {cfg.img_size}px on {len(paths)} images from "
+        f"{source}: {cfg.steps} steps of {cfg.batch_size} "
+        f"({cfg.steps * cfg.batch_size / len(paths):.1f} epochs), mask ratio {cfg.mask_ratio:g}, lr {cfg.lr:.3g} "
+        f"(warm-up {_plural(cfg.warmup_steps, 'step')}, cosine to {cfg.min_lr:g}), {cfg.dtype} on {device}{threads}"
+        + (f"; resumed at step {start}" if start else ""))
+
+    log = open(out / "log.jsonl", "a")
+    ckpt, recon = out / CHECKPOINT, None
+    loss_sum = torch.zeros((), device=device)
+    last_loss, count = float("nan"), 0
+    t_run = t_log = time.perf_counter()
+    saved_at = recon_at = -1
+    try:
+        with progress_bar(cfg.steps, "pretrain", enabled=progress, initial=start) as bar:
+            for step in range(start, cfg.steps):
+                imgs = next(batches)
+                loss_sum += step_fn(imgs.to(device, non_blocking=True))
+                count += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    last_loss = float(loss_sum) / count  # one host sync per logged interval
+                    now = time.perf_counter()
+                    ips = count * cfg.batch_size / (now - t_log)
+                    if not math.isfinite(last_loss):
+                        raise FloatingPointError(f"the loss is {last_loss} at step {done}; lower --lr or --blr")
+                    lr = lr_at(step, cfg)
+                    bar.set_postfix_str(f"loss {last_loss:.4f}, lr {lr:.2e}, {ips:.0f} img/s", refresh=False)
+                    log.write(json.dumps({"step": done, "loss": last_loss, "lr": lr, "images_per_s": ips,
+                                          "elapsed_s": now - t_run}) + "\n")
+                    log.flush()
+                    loss_sum.zero_()
+                    count, t_log = 0, time.perf_counter()
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    save_checkpoint(ckpt, model, opt, sched, done, cfg)
+                    saved_at = done
+                if cfg.recon_every and done % cfg.recon_every == 0 and done < cfg.steps:
+                    recon = out / f"recon_{done:06d}.png"
+                    save_reconstructions(recon, model, fixed, cfg.mask_ratio, done)
+                    recon_at = done
+                bar.update(1)
+        if saved_at != cfg.steps:
+            save_checkpoint(ckpt, model, opt, sched, cfg.steps, cfg)
+        if recon_at != cfg.steps:
+            recon = out / f"recon_{cfg.steps:06d}.png"
+            save_reconstructions(recon, model, fixed, cfg.mask_ratio, cfg.steps)
+    finally:
+        log.close()
+    elapsed = time.perf_counter() - t_run
+    say(f"trained steps {start + 1}-{cfg.steps} in {_duration(elapsed)}, final loss {last_loss:.4f}: checkpoint "
+        f"{ckpt}, reconstructions {recon}, log {out / 'log.jsonl'}")
+    return {"config": asdict(cfg), "start_step": start, "steps": cfg.steps, "final_loss": last_loss,
+            "checkpoint": str(ckpt), "reconstruction": str(recon), "log": str(out / "log.jsonl"),
+            "seconds": elapsed}
+
+
+def config_from_args(args) -> PretrainConfig:
+    """A PretrainConfig from parsed `mae-fast pretrain` arguments (same names)."""
+    kwargs = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)}
+    return PretrainConfig(**kwargs)
+
