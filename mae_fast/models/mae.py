@@ -171,10 +171,7 @@ class FastMAEMethods:
             return self.forward(imgs, mask_ratio, noise)[0]
         latent = self._encode(imgs, m.ids_keep, out_dtype=_gemm_dtype(imgs))  # [N, 1+K, D], for decoder_embed
         x = self._decode_tokens(latent, m.ids_restore)  # [N, 1+L, Dd]
-        # the removed tokens in ascending-noise order: inverse of ids_restore, ranks K..L-1
-        ids_shuffle = torch.empty_like(m.ids_restore).scatter_(
-            1, m.ids_restore, torch.arange(L, device=imgs.device).expand_as(m.ids_restore))  # [N, L]
-        ids_masked = ids_shuffle[:, K:]  # [N, L-K]
+        ids_masked = m.ids_masked  # [N, L-K], the removed tokens in ascending-noise order
         pred = self._predict(ops.gather_tokens(x, ids_masked + 1))  # [N, L-K, p*p*C] (row 0 of x is cls)
         return ops.norm_pix_loss(pred, imgs, None, self.patch_size, norm_pix=bool(self.norm_pix_loss),
                                  ids_masked=ids_masked, t_patch_size=self.t_patch_size)

@@ -29,6 +29,19 @@ class Masking(NamedTuple):
     ids_restore: torch.Tensor
     mask: torch.Tensor
 
+    @property
+    def ids_masked(self) -> torch.Tensor:
+        """int64 [N, L-K]: the removed tokens in ascending-noise order (the official ``ids_shuffle[:, K:]``).
+
+        The inverse permutation of ``ids_restore``, by one scatter; what ``norm_pix_loss(...,
+        ids_masked=)`` takes when the decoder head runs on removed tokens only. Computed on each access.
+        """
+        ids_restore = self.ids_restore
+        n, length = ids_restore.shape
+        ranks = torch.arange(length, device=ids_restore.device).expand(n, length)  # [N, L]
+        ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, ranks)  # [N, L]
+        return ids_shuffle[:, self.ids_keep.shape[1]:]
+
 
 def _fake_outputs(device, batch_size, spatial_tokens, spatial_keep, frames):
     L, K = frames * spatial_tokens, frames * spatial_keep

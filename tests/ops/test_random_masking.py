@@ -133,6 +133,10 @@ def test_invariants(N, Ls, frames, ratio, use_noise, seed):
     m = random_masking(N, L, ratio, frames=frames, generator=g, noise=noise)
     check_invariants(m, N, L, K)
     assert K == num_kept(L, ratio, frames)
+    # ids_keep then ids_masked is the shuffle that ids_restore undoes, so every removed token is listed once
+    ids_shuffle = torch.cat([m.ids_keep, m.ids_masked], dim=1)  # [N, L]
+    assert torch.equal(m.ids_restore.gather(1, ids_shuffle), torch.arange(L).expand(N, L))
+    assert bool((m.mask.gather(1, m.ids_masked) == 1).all())
     if frames == 1:
         assert K == reference.num_kept(L, ratio)
     if use_noise:
@@ -145,7 +149,10 @@ def test_invariants(N, Ls, frames, ratio, use_noise, seed):
 def test_noise_parity_with_reference(N, L, ratio, dtype):
     g = torch.Generator().manual_seed(N * 1000 + L)
     noise = torch.randperm(N * L, generator=g).view(N, L).to(dtype) / (N * L)  # distinct values
-    assert_same(random_masking(N, L, ratio, noise=noise), ref_masking(noise, ratio))
+    m = random_masking(N, L, ratio, noise=noise)
+    assert_same(m, ref_masking(noise, ratio))
+    K = m.ids_keep.shape[1]
+    assert torch.equal(m.ids_masked, torch.argsort(noise, dim=1)[:, K:])  # the official ids_shuffle[:, K:]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
