@@ -409,12 +409,13 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"imgs size ({H}, {W}) is not divisible by patch_size {self.patch_size}")
         return imgs
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """imgs x [N, C, (T,) H, W] -> tokens in ``output_fmt`` (timm's PatchEmbed.forward)."""
         if self.strict_img_size:
-            self.check_input(imgs)  # img_size is divisible by the patch: nothing to pad
+            self.check_input(x)  # img_size is divisible by the patch: nothing to pad
         else:
-            imgs = self._check_any_size(imgs)
-        x = self.proj(imgs)  # [N, D, (t,) h, w]
+            x = self._check_any_size(x)
+        x = self.proj(x)  # [N, D, (t,) h, w]
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # [N, L, D]
         elif self.output_fmt == "NHWC":

@@ -32,6 +32,15 @@ def test_every_timm_argument_in_timms_order(ours, theirs):
             assert a.default == b.default, a.name
 
 
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=[p[1].__name__ for p in PAIRS])
+def test_forward_takes_timms_arguments_by_name(ours, theirs):
+    """forward's parameters are timm's, in timm's order and with its defaults, so keyword calls work too."""
+    mine = list(inspect.signature(ours.forward).parameters.values())
+    timms = list(inspect.signature(theirs.forward).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in mine[:len(timms)]] == \
+        [(p.name, p.kind, p.default) for p in timms]
+
+
 def _vit(block_fn=None, seed=0, **kw):
     args = dict(dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5), **kw)
     if block_fn is not None:
