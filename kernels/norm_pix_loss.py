@@ -1,7 +1,7 @@
 """Triton kernels of the fused normalized-pixel loss (the op: ``mae_fast.ops.norm_pix_loss``).
 
 Rows: one row per predicted patch (``R = N * Lp`` rows, ``Lp`` = L for the full form, M for the
-masked-only form). A program of ``_fwd_kernel`` handles ``ITERS`` blocks of ``BLOCK_P`` rows. A row's
+masked-only form). A program of ``norm_pix_loss_fwd_kernel`` handles ``ITERS`` blocks of ``BLOCK_P`` rows. A row's
 target is read straight from ``imgs [N, C, H, W]`` or ``[N, C, T, H, W]`` (strided, no patchified copy)
 as a tile [pixels, channels] (pixel = (frame in tubelet * P + row in patch) * P + column in patch; an
 image is one frame, U = 1, time stride 0), which is the patchify order (frame, row, column, channel) of
@@ -10,10 +10,10 @@ the pred row; U*P*P and C are padded to powers of two (p=14: 196 -> 256 pixels) 
 
 The forward writes the final gradient, so that backward has nothing to do when grad_output == 1.
 That needs the denominator before the main kernel:
-    den = sum(weight [N, L])  ``_den_kernel``: one program, fixed order, reads only the fp32 weight
+    den = sum(weight [N, L])  ``norm_pix_loss_den_kernel``: one program, fixed order, reads only the fp32 weight
                               (full form); masked-only form: den = N * M = R, no kernel.
 
-Forward (``_fwd_kernel``), per row with weight w (the mask value; 1 in the masked-only form):
+Forward (``norm_pix_loss_fwd_kernel``), per row with weight w (the mask value; 1 in the masked-only form):
     t          target patch [D] in fp32
     tn         (t - mean) / sqrt(var_unbiased + eps)      (or t when NORM is off; two-pass statistics)
     diff       pred - tn                                   (fp32, never stored)
@@ -21,23 +21,18 @@ Forward (``_fwd_kernel``), per row with weight w (the mask value; 1 in the maske
     grad1      2 * w * diff / (D * den)   for w != 0;   w / den (0, or NaN where den == 0) for w == 0
     gbuf       grad1 * s, stored once in pred's dtype for every row (s = 1 except fp16, below)
 Rows with w == 0 are not read (their loss term is 0); their gradient row is written. Each program
-writes one fp32 partial sum (sum w * row_loss); ``_finish_kernel`` (one program) adds them in a fixed
-order: loss = sum / den. No float atomics anywhere: the result is deterministic.
+writes one fp32 partial sum (sum w * row_loss); ``norm_pix_loss_finish_kernel`` (one program) adds them
+in a fixed order: loss = sum / den. No float atomics anywhere: the result is deterministic.
 
-fp16 (``PRESCALE``): grad1 is of the order 1 / (D * den) (about 1e-7 at N=256, p=16), below fp16's
-smallest normal (6.1e-5): stored as is it would keep 1 to 3 significant bits, and a GradScaler's
-grad_output of 65536 would scale that noise. fp16 buffers therefore hold each row times its own power of
-two s_row, chosen from the row's largest |grad1| (NaN ignored) so that it lands in [2**14, 2**15): every
-row keeps fp16's full precision and none overflows, whatever |pred - target| is (a global scale would
-overflow the buffer once |pred - target| passes about 2.6e5, where the true gradient still fits in fp16).
-The forward writes ``unscale[row]`` = 1 / s_row (exact; fp32, 4 bytes per row of D values). ``unscale``
-is a single 1 for fp32 and bf16.
+fp16 (``PRESCALE``): the buffer holds each row times its own power of two s_row, chosen from the row's
+largest |grad1| (NaN ignored) to land it in [2**14, 2**15); the forward writes ``unscale[row]`` = 1 / s_row
+(exact; fp32, 4 bytes per row). ``unscale`` is a single 1 for fp32 and bf16. Why: docs/OPS.md, "fp16".
 
 An ``ids`` value outside [0, L) names no patch: that row's target is NaN (no out-of-bounds or other-sample
 read; the range test masks the load it already guards), so the loss and that row's gradient are NaN.
 
-Backward (``_scale_kernel``): grad_pred = gbuf * (grad_output * unscale), computed in fp32 (``ROWS``: the
-row's unscale). In place (eager path) every program loads the two scalars and returns at once when the
+Backward (``norm_pix_loss_bwd_kernel``): grad_pred = gbuf * (grad_output * unscale), computed in fp32
+(``ROWS``: the row's unscale). In place (eager path) every program loads the two scalars and returns at once when the
 factor is exactly 1 (grad_output == 1 in fp32/bf16): no bytes move, no host sync. Out of place (the
 registered op) it always writes a new tensor.
 """
@@ -62,7 +57,7 @@ def _row_scale(amax):
 
 
 @triton.jit
-def _den_kernel(w_ptr, den_ptr, T, BLOCK: tl.constexpr):
+def norm_pix_loss_den_kernel(w_ptr, den_ptr, T, BLOCK: tl.constexpr):
     """den = sum(w[0:T]) in fp32, one program, a fixed order (lane-wise sums, then one tree)."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -73,7 +68,7 @@ def _den_kernel(w_ptr, den_ptr, T, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
+def norm_pix_loss_fwd_kernel(
     pred_ptr, imgs_ptr, w_ptr, ids_ptr, den_ptr, grad_ptr, unscale_ptr, part_ptr,
     R, LP, L, HW, GW,
     sp_n, sp_l, sp_d,
@@ -98,7 +93,7 @@ def _fwd_kernel(
     img_lane = ((q // (P * P)).to(tl.int64) * si_t + ((q // P) % P).to(tl.int64) * si_h
                 + (q % P).to(tl.int64) * si_w)[:, None] + ch.to(tl.int64)[None, :] * si_c  # [PP_PAD, C_PAD]
     if HAS_W:
-        den = tl.load(den_ptr).to(tl.float32)  # sum(weight) from _den_kernel
+        den = tl.load(den_ptr).to(tl.float32)  # sum(weight) from norm_pix_loss_den_kernel
     else:
         den = tl.zeros([], dtype=tl.float32) + R  # masked-only form: N * M rows of weight 1
     acc_loss = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -153,7 +148,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
+def norm_pix_loss_finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
                    BLOCK: tl.constexpr, HAS_W: tl.constexpr, PRESCALE: tl.constexpr):
     """loss = sum(loss partials) / den; unscale = 1 unless PRESCALE (then the forward wrote it per row)."""
     offs = tl.arange(0, BLOCK)
@@ -172,7 +167,7 @@ def _finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
 
 
 @triton.jit
-def _scale_kernel(src_ptr, go_ptr, unscale_ptr, out_ptr, T, D,
+def norm_pix_loss_bwd_kernel(src_ptr, go_ptr, unscale_ptr, out_ptr, T, D,
                   BLOCK: tl.constexpr, ITERS: tl.constexpr, IN_PLACE: tl.constexpr, ROWS: tl.constexpr):
     """out = src * (grad_output * unscale) over T values (``ROWS``: unscale per row of D values); in place
     and without ROWS: nothing at all when the factor is 1."""
@@ -225,7 +220,7 @@ def _rows_per_program(R: int, block_p: int, max_programs: int):
 
 
 def fwd_config(R: int, P: int, C: int, U: int = 1, tile: int = 1024, max_programs: int = 1 << 16) -> FwdConfig:
-    """``_fwd_kernel`` over R patches of U*P*P pixels: one patch per program and a single warp at p = 16
+    """``norm_pix_loss_fwd_kernel`` over R patches of U*P*P pixels: one patch per program and a single warp at p = 16
     (measured fastest on an H200, docs/OPS.md); up to ITERS = 8 blocks per program past max_programs."""
     pp_pad, c_pad = triton.next_power_of_2(U * P * P), triton.next_power_of_2(C)
     block_p = max(1, min(16, tile // (pp_pad * c_pad)))
@@ -235,13 +230,13 @@ def fwd_config(R: int, P: int, C: int, U: int = 1, tile: int = 1024, max_program
 
 
 def den_config(T: int, max_block: int = 16384) -> BlockConfig:
-    """``_den_kernel`` over T weights (N=256, L=196: 4 loop steps of 16384)."""
+    """``norm_pix_loss_den_kernel`` over T weights (N=256, L=196: 4 loop steps of 16384)."""
     block = min(max_block, max(128, triton.next_power_of_2(T)))
     return BlockConfig(block, 4 if block <= 2048 else (8 if block <= 8192 else 16))
 
 
 def scale_config(T: int, block: int = 4096, max_programs: int = 2048) -> ScaleConfig:
-    """``_scale_kernel`` over T values: few programs (up to ITERS = 8 blocks each) keep the launch of the
+    """``norm_pix_loss_bwd_kernel`` over T values: few programs (up to ITERS = 8 blocks each) keep the launch of the
     in-place early exit short."""
     block = min(block, max(128, triton.next_power_of_2(T)))
     iters, grid = _rows_per_program(T, block, max_programs)

@@ -9,7 +9,7 @@ Backward: l-major: one program per (output position, D block, N split) walks N: 
           once each where ids_restore is a permutation, the grad pos and grad mask_token sums go to fp32
           per-split partials the caller sums in a fixed order (deterministic, no atomics). A row of
           ids_restore that is not a permutation (an r named twice or never, or out of range) leaves its
-          grad_x rows racy or unwritten; ``unshuffle_fix_kernel``, launched after it, finds those samples
+          grad_x rows racy or unwritten; ``unshuffle_tokens_fix_kernel``, launched after it, finds those samples
           (the inverse map of ``index_map.py``) and rewrites their grad_x rows as sums over the l that name
           each r (torch.gather's gradient). Samples whose row is a permutation cost it the map only.
 """
@@ -21,7 +21,7 @@ from .index_map import build_map, first_and_chain
 
 
 @triton.jit
-def unshuffle_fwd_kernel(
+def unshuffle_tokens_fwd_kernel(
     x_ptr, ids_ptr, mask_ptr, pos_ptr, out_ptr,
     R, T, P, K, D, L,  # R = N*T output rows, T = P+L
     sxn, sxt, sxd,
@@ -48,7 +48,7 @@ def unshuffle_fwd_kernel(
 
 
 @triton.jit
-def unshuffle_bwd_kernel(
+def unshuffle_tokens_bwd_kernel(
     g_ptr, ids_ptr, gx_ptr, ppos_ptr, pmask_ptr,
     N, L, P, K, D, CHUNK_N,
     sgn, sgt, sgd,
@@ -95,7 +95,7 @@ def unshuffle_bwd_kernel(
 
 
 @triton.jit
-def unshuffle_fix_kernel(
+def unshuffle_tokens_fix_kernel(
     ids_ptr, code_ptr, nxt_ptr, g_ptr, gx_ptr,
     L, P, K, D,
     sgn, sgt, sgd,
@@ -103,7 +103,7 @@ def unshuffle_fix_kernel(
     BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per sample n, after ``unshuffle_bwd_kernel``: the inverse map of ids_restore[n]
+    """One program per sample n, after ``unshuffle_tokens_bwd_kernel``: the inverse map of ids_restore[n]
     (scratch code [N, L], nxt [N, L]); unless the row is a permutation, grad_x[n, P + r] for every kept
     r < K is rewritten as the sum of grad rows P + l over the l with ids_restore[n, l] == r (zero if none)."""
     n = tl.program_id(0).to(tl.int64)

@@ -74,6 +74,14 @@ def torch_path():
         yield
 
 
+@pytest.fixture(params=["torch", "triton"])
+def each_path(request):
+    """The test once per op path (torch_path, then triton_path: the Triton one must launch kernels); the
+    value is the path's name."""
+    request.getfixturevalue(f"{request.param}_path")
+    return request.param
+
+
 class RecordOps(TorchDispatchMode):
     """A pass-through TorchDispatchMode that records the ops it sees (name -> list of (args, out)). While
     it is on, mae_fast's ops go through their registered kernels, as under torch.compile."""

@@ -149,11 +149,11 @@ def norm_pix_loss_forward_triton(pred, imgs, weight, ids, p: int, norm_pix: bool
     if has_w:  # den = sum(weight), needed by every program of the main kernel
         den = torch.empty((), dtype=torch.float32, device=dev)
         cfg = configs.get("den") or _k.den_config(weight.numel())
-        launch(_k._den_kernel)[(1,)](weight, den, weight.numel(), BLOCK=cfg.block, num_warps=cfg.num_warps)
+        launch(_k.norm_pix_loss_den_kernel)[(1,)](weight, den, weight.numel(), BLOCK=cfg.block, num_warps=cfg.num_warps)
     else:
         den = part  # unused: den = N * M is computed in the kernels
     sid_n, sid_m = (ids.stride(0), ids.stride(1)) if has_ids else (0, 0)
-    launch(_k._fwd_kernel)[(fwd.grid,)](
+    launch(_k.norm_pix_loss_fwd_kernel)[(fwd.grid,)](
         pred, imgs, weight if has_w else part, ids if has_ids else part, den, gbuf if write_grad else part,
         unscale if prescale else part, part,
         rows, lp, (t // u) * hw, hw, gw,
@@ -166,7 +166,7 @@ def norm_pix_loss_forward_triton(pred, imgs, weight, ids, p: int, norm_pix: bool
         num_warps=fwd.num_warps,
     )
     cfg = configs.get("finish") or _k.finish_config(fwd.grid)
-    launch(_k._finish_kernel)[(1,)](
+    launch(_k.norm_pix_loss_finish_kernel)[(1,)](
         part, den, loss, unscale, fwd.grid, rows, BLOCK=cfg.block, HAS_W=has_w, PRESCALE=prescale,
         num_warps=cfg.num_warps,
     )
@@ -178,7 +178,7 @@ def _scale_triton(gbuf, unscale, grad_loss, out, config=None):
     the device at factor 1 (a single unscale only)."""
     total = gbuf.numel()
     cfg = config or _k.scale_config(total)
-    launch(_k._scale_kernel)[(cfg.grid,)](
+    launch(_k.norm_pix_loss_bwd_kernel)[(cfg.grid,)](
         gbuf, grad_loss.reshape(1), unscale, out, total, max(gbuf.shape[-1], 1),
         BLOCK=cfg.block, ITERS=cfg.iters, IN_PLACE=out is gbuf, ROWS=unscale.numel() != 1 or unscale.dim() != 0,
         num_warps=cfg.num_warps,

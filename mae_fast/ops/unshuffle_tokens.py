@@ -76,7 +76,7 @@ def _forward(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Opti
         return out
     cfg = _launch.row_copy(D)
     pos = pos_embed if pos_embed is not None else x
-    launch(_k.unshuffle_fwd_kernel)[(cdiv(N * T, cfg.block_rows), cdiv(D, cfg.block_cols))](
+    launch(_k.unshuffle_tokens_fwd_kernel)[(cdiv(N * T, cfg.block_rows), cdiv(D, cfg.block_cols))](
         x, ids_restore, mask_token, pos, out,
         N * T, T, P, T_in - P, D, L,
         x.stride(0), x.stride(1), x.stride(2),
@@ -103,7 +103,7 @@ def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, n
     cfg = _launch.column_split(N, T, D)
     ppos = torch.empty((cfg.splits, T, D) if need_pos else (1,), dtype=torch.float32, device=grad.device)
     pmask = torch.empty((cfg.splits, L, D) if need_mask else (1,), dtype=torch.float32, device=grad.device)
-    launch(_k.unshuffle_bwd_kernel)[(T, cdiv(D, cfg.block_d), cfg.splits)](
+    launch(_k.unshuffle_tokens_bwd_kernel)[(T, cdiv(D, cfg.block_d), cfg.splits)](
         grad, ids_restore, gx if need_x else unused_pointer(grad), ppos, pmask,
         N, L, P, K, D, cfg.chunk_n,
         grad.stride(0), grad.stride(1), grad.stride(2),
@@ -114,7 +114,7 @@ def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, n
     if need_x:  # rows of ids_restore that are no permutation: their grad_x rewritten (a map per sample otherwise)
         code = torch.empty((N, L), dtype=torch.int32, device=grad.device)  # [N, L] scratch
         nxt = torch.empty((N, L), dtype=torch.int32, device=grad.device)  # [N, L] scratch
-        launch(_k.unshuffle_fix_kernel)[(N,)](
+        launch(_k.unshuffle_tokens_fix_kernel)[(N,)](
             ids_restore, code, nxt, grad, gx,
             L, P, K, D,
             grad.stride(0), grad.stride(1), grad.stride(2),

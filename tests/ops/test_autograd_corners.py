@@ -10,14 +10,6 @@ from mae_fast import ops, reference
 from mae_fast.ops._registry import triton_interpret
 from mae_fast.testing import randn, random_ids
 
-PATHS = ["torch", "triton"]
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    """Each test once per CPU path (conftest's torch_path / triton_path: the Triton one must launch kernels)."""
-    request.getfixturevalue(f"{request.param}_path")
-    return request.param
 
 
 def _loss_inputs(seed=0, video=False):
@@ -101,7 +93,7 @@ def _token_cases():
 
 
 @pytest.mark.parametrize("name", ["gather_tokens", "unshuffle_tokens", "gather_patches", "norm_pix_loss"])
-def test_create_graph_is_a_clear_error(path, name):
+def test_create_graph_is_a_clear_error(each_path, name):
     """create_graph=True: the first-order gradient is the plain one; differentiating it again raises an error
     naming the op, also when the incoming gradient needs none (a loss: a gradient penalty on pred)."""
     if name == "norm_pix_loss":
@@ -151,7 +143,7 @@ def test_create_graph_is_a_clear_error_for_block_ops(torch_path, name):
 # ------------------------------------------------------------------------------------------ gradcheck
 @pytest.mark.parametrize("name", ["gather_tokens", "unshuffle_tokens", "gather_patches"])
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
-def test_gradcheck_token_ops(path, name):
+def test_gradcheck_token_ops(each_path, name):
     """torch.autograd.gradcheck (fp32: the ops are linear, central differences are exact up to rounding),
     including its undefined-output-gradient check."""
     fn, x = _token_cases()[name]
@@ -160,7 +152,7 @@ def test_gradcheck_token_ops(path, name):
 
 
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
-def test_gradcheck_loss_through_registered_ops(path, record_ops):
+def test_gradcheck_loss_through_registered_ops(each_path, record_ops):
     """The loss (quadratic in pred) through its registered ops, the path torch.compile takes and the one
     where a graph may run backward more than once; undefined output gradients included."""
     imgs, mask, ids = _loss_inputs()
@@ -171,7 +163,7 @@ def test_gradcheck_loss_through_registered_ops(path, record_ops):
     assert "norm_pix_loss_bwd" in rec.calls
 
 
-def test_registered_backwards_take_zero_gradients(path, record_ops):
+def test_registered_backwards_take_zero_gradients(each_path, record_ops):
     """What a compiled graph hands a backward whose output gradient is undefined: zeros. Every registered
     backward returns zero gradients for them."""
     N, L, K, D = 2, 6, 3, 4

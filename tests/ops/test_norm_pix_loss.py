@@ -611,12 +611,10 @@ def test_fp16_gradscaler_gradients_accurate(form):
 
 
 @pytest.mark.parametrize("form", ["full", "masked"])
-@pytest.mark.parametrize("path", ["torch", "triton"])
-def test_fp16_gradient_range(path, form, request):
+def test_fp16_gradient_range(each_path, form):
     """fp16 pred against fp32 targets of up to 4e5 (norm_pix off): |pred - target| far above what a global
     buffer scale allows, while the true gradient (and a GradScaler-scaled one) fits in fp16. Every element
     comes back finite and within one fp16 rounding of the float64 gradient."""
-    request.getfixturevalue(f"{path}_path")
     pred, imgs, mask, ids = make_inputs(2, 3, 16, 24, 8, dtype=torch.float16, seed=27, img_dtype=torch.float32)
     imgs = imgs * 2e5
     if form == "masked":
@@ -647,11 +645,9 @@ def test_fp16_row_scale_is_exact_powers_of_two():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["torch", "triton"])
-def test_autocast_keeps_fp32_math(path, dtype, request):
+def test_autocast_keeps_fp32_math(each_path, dtype):
     """Inside CPU autocast (fp16 or bf16) the loss and its gradient are those without autocast, bitwise:
     pixel-scale targets (0..255, norm_pix off) no longer overflow a half-precision reduction."""
-    request.getfixturevalue(f"{path}_path")
     pred, imgs, mask, _ = make_inputs(2, 3, 16, 24, 8, seed=28)
     imgs, pred = imgs * 100.0, pred * 100.0
     plain = run(pred, imgs, mask, 8, norm_pix=False)
@@ -668,7 +664,7 @@ def test_scale_kernel_row_factors(triton_path):
     src = torch.randn(6, 5, generator=torch.Generator().manual_seed(26)).to(dev)
     unscale = torch.tensor([1.0, 0.5, 2.0, 0.25, 4.0, 1.0], device=dev)[:, None]
     out = torch.empty_like(src)
-    K._scale_kernel[(1,)](src, torch.tensor([3.0], device=dev), unscale, out, 30, 5, BLOCK=16, ITERS=2,
+    K.norm_pix_loss_bwd_kernel[(1,)](src, torch.tensor([3.0], device=dev), unscale, out, 30, 5, BLOCK=16, ITERS=2,
                           IN_PLACE=False, ROWS=True)
     assert torch.equal(out, src * 3.0 * unscale)
 
@@ -694,14 +690,14 @@ def test_scale_kernel_in_place_early_exit(triton_path):
     src = torch.randn(1000, generator=torch.Generator().manual_seed(25)).to(dev)
     one, unscale = t(1.0), torch.ones((), device=dev)
     out = torch.full((1000,), 7.0, device=dev)  # a distinct out shows whether anything was stored
-    K._scale_kernel[(2,)](src, one, unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=True, ROWS=False)
+    K.norm_pix_loss_bwd_kernel[(2,)](src, one, unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=True, ROWS=False)
     assert (out == 7.0).all()
-    K._scale_kernel[(2,)](src, t(4.0), torch.tensor(0.25, device=dev), out, 1000, 1, BLOCK=128, ITERS=4,
+    K.norm_pix_loss_bwd_kernel[(2,)](src, t(4.0), torch.tensor(0.25, device=dev), out, 1000, 1, BLOCK=128, ITERS=4,
                           IN_PLACE=True, ROWS=False)
     assert (out == 7.0).all()  # the factor is grad_output * unscale
-    K._scale_kernel[(2,)](src, t(3.0), unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=True, ROWS=False)
+    K.norm_pix_loss_bwd_kernel[(2,)](src, t(3.0), unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=True, ROWS=False)
     assert torch.equal(out, src * 3.0)
-    K._scale_kernel[(2,)](src, one, unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=False, ROWS=False)
+    K.norm_pix_loss_bwd_kernel[(2,)](src, one, unscale, out, 1000, 1, BLOCK=128, ITERS=4, IN_PLACE=False, ROWS=False)
     assert torch.equal(out, src)  # out of place: always written
 
 
@@ -718,10 +714,10 @@ def test_den_prepass_fractional_weights(triton):
         wts[:, ::7] = 0.0
         wts = wts.to(dev)
         den = torch.empty((), dtype=torch.float32, device=dev)
-        K._den_kernel[(1,)](wts, den, wts.numel(), BLOCK=32)
+        K.norm_pix_loss_den_kernel[(1,)](wts, den, wts.numel(), BLOCK=32)
         assert abs(float(den) - wts.double().sum().item()) <= 1e-6 * wts.double().sum().item()
         den2 = torch.empty((), dtype=torch.float32, device=dev)
-        K._den_kernel[(1,)](wts, den2, wts.numel(), BLOCK=32)
+        K.norm_pix_loss_den_kernel[(1,)](wts, den2, wts.numel(), BLOCK=32)
         assert torch.equal(den, den2)
     pred, imgs, mask, _ = make_inputs(3, 3, 16, 24, 8, seed=22)
     weights = mask * torch.rand(mask.shape, generator=g) * 2.5
