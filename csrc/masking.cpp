@@ -101,7 +101,7 @@ MaskingResult philox_cpu(const at::Device& device, int64_t batch_size, int64_t s
 
 MaskingResult random_masking_seeded_cpu(const at::Tensor& device_like, int64_t batch_size, int64_t spatial_tokens,
                                         int64_t spatial_keep, int64_t frames, int64_t seed, int64_t offset) {
-  TORCH_CHECK_VALUE(offset >= 0 && offset % 4 == 0, "offset must be a non-negative multiple of 4, got ", num(offset));
+  check_offset(offset);
   return philox_cpu(device_like.device(), batch_size, spatial_tokens, spatial_keep, frames,
                     static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
 }

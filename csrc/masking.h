@@ -38,6 +38,11 @@ inline void check_sizes(int64_t batch_size, int64_t spatial_tokens, int64_t spat
                     "spatial_keep must be in [0, spatial_tokens=", num(spatial_tokens), "], got ", num(spatial_keep));
 }
 
+// The seeded entry point's Philox offset: counter word offset / 4, so a multiple of 4 (docs/OPS.md, keys).
+inline void check_offset(int64_t offset) {
+  TORCH_CHECK_VALUE(offset >= 0 && offset % 4 == 0, "offset must be a non-negative multiple of 4, got ", num(offset));
+}
+
 inline void check_noise(const at::Tensor& noise, int64_t spatial_keep, int64_t frames) {
   TORCH_CHECK_VALUE(noise.dim() == 2, "noise must be [N, L / frames], got ", shape_str(noise.sizes()));
   TORCH_CHECK_VALUE(at::isFloatingType(noise.scalar_type()), "noise must be a floating tensor, got ",

@@ -195,7 +195,7 @@ MaskingResult random_masking_cuda(const at::Tensor& device_like, int64_t batch_s
 MaskingResult random_masking_seeded_cuda(const at::Tensor& device_like, int64_t batch_size, int64_t spatial_tokens,
                                          int64_t spatial_keep, int64_t frames, int64_t seed, int64_t offset) {
   check_sizes(batch_size, spatial_tokens, spatial_keep, frames);
-  TORCH_CHECK_VALUE(offset >= 0 && offset % 4 == 0, "offset must be a non-negative multiple of 4, got ", num(offset));
+  check_offset(offset);
   const c10::cuda::CUDAGuard guard(device_like.device());
   const at::PhiloxCudaState rng(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   return philox_cuda(device_like.device(), batch_size, spatial_tokens, spatial_keep, frames, rng);
