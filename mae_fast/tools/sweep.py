@@ -237,8 +237,8 @@ def format_results(doc: dict) -> str:
     rows = []
     rate = "clips_per_s" if bench.is_video(doc["config"]) else "images_per_s"
     cols = [rate if c == "images_per_s" else c for c in TABLE_COLUMNS]
-    if "theory" in doc:
-        cols.append("predicted_mean_distance_px")
+    if "theory" in doc:  # the linear MAE's scale: on every weight, and on the directions the data carries
+        cols += ["predicted_mean_distance_px", "predicted_data_mean_distance_px"]
     failures = []
     for x in doc["results"]:
         if "error" in x:
@@ -249,8 +249,8 @@ def format_results(doc: dict) -> str:
         rows.append(dict(x, clips_per_s=x["images_per_s"],
                          peak_mem_MiB="-" if x.get("peak_mem_bytes") is None else x["peak_mem_bytes"] / 2**20,
                          speedup_vs_ratio0="-" if x["speedup_vs_ratio0"] is None else x["speedup_vs_ratio0"],
-                         predicted_mean_distance_px=("-" if x.get("predicted_mean_distance_px") is None
-                                                     else x["predicted_mean_distance_px"]),
+                         **{k: "-" if x.get(k) is None else x[k]
+                            for k in ("predicted_mean_distance_px", "predicted_data_mean_distance_px")},
                          speedup_vs_reference="-" if x["speedup_vs_reference"] is None else x["speedup_vs_reference"]))
     c = doc["config"]
     head = (f"sweep: {c['model']}  {_describe(c)}  {bench.batch_words(c)}  {c['dtype']}  {bench.on_words(doc)}  "
@@ -268,6 +268,9 @@ def format_results(doc: dict) -> str:
     for t in doc.get("theory", {}).get("rows", []):
         if t.get("flag") and (t["patch_size"], t["mask_ratio"]) not in not_run:
             lines.append(f"theory at p={t['patch_size']} ratio={t['mask_ratio']:g}: no prediction, {t['flag']}")
+    if "theory" in doc:
+        from ..theory.cli import MODEL_NOTE
+        lines.append(f"predicted_* columns, {MODEL_NOTE}")
     return "\n".join(lines)
 
 

@@ -37,6 +37,10 @@ def test_sweep_tiny_cpu(tmp_path, monkeypatch, capsys):
         assert r["speedup_vs_ratio0"] == pytest.approx(r["images_per_s"] / rows[(p, 0.0)]["images_per_s"])
         assert r["speedup_vs_reference"] == pytest.approx(1.0)
         assert r["predicted_mean_distance_px"] > 0 and "predicted_flag" not in r
+        assert r["predicted_data_mean_distance_px"] > 0
+    head = text.splitlines()[1].split()
+    assert head[-2:] == ["predicted_mean_distance_px", "predicted_data_mean_distance_px"]
+    assert any(line.startswith("predicted_* columns, model: linear") for line in text.splitlines())
     assert rows[(8, 0.0)]["speedup_vs_ratio0"] == 1.0
     # masking removes encoder work: fewer FLOPs per image as the ratio grows
     assert rows[(8, 0.0)]["flops_per_image"] > rows[(8, 0.5)]["flops_per_image"] > rows[(8, 0.75)]["flops_per_image"]
