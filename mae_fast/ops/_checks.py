@@ -103,10 +103,11 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
 
 def check_index_range(name: str, ids: torch.Tensor, upper: int) -> None:
     """Every entry of ``ids`` in [0, upper) (a device sync: only when index checks are on)."""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= upper):
-        raise ValueError(
-            f"{name} has entries outside [0, {upper}): min {int(ids.min())}, max {int(ids.max())}"
-        )
+    if not ids.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} has entries outside [0, {upper}): min {lo}, max {hi}")
 
 
 def check_distinct_rows(name: str, ids: torch.Tensor, upper: int) -> None:
