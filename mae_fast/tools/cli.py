@@ -38,17 +38,36 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _positive_int(name: str):
-    def parse(s: str) -> int:
+def _number_arg(name: str, kind: type, op: str, bound: int):
+    """An argparse type: ``kind`` (int or float) with ``value op bound`` (op ">" or ">="; NaN fails both)."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(s: str):
         try:
-            v = int(s)
+            v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {s!r}") from None
+        if not (v > bound if op == ">" else v >= bound):
+            raise argparse.ArgumentTypeError(f"{name} must be {op} {bound}, got {v}")
         return v
 
     return parse
+
+
+def _positive_int(name: str):
+    return _number_arg(name, int, ">=", 1)
+
+
+def _nonneg_int(name: str):
+    return _number_arg(name, int, ">=", 0)
+
+
+def _positive_float(name: str):
+    return _number_arg(name, float, ">", 0)
+
+
+def _nonneg_float(name: str):
+    return _number_arg(name, float, ">=", 0)
 
 
 def _ratio(s: str) -> float:
@@ -108,19 +127,6 @@ def _variant_list(s: str) -> List[str]:
     return out
 
 
-def _positive_float(name: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
-        return v
-
-    return parse
-
-
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int("--threads"),
                    help="CPU threads torch uses (default: torch's, one per physical core)")
@@ -151,32 +157,6 @@ def _common_args(p: argparse.ArgumentParser, ratio: bool = True, patch: bool = T
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     _threads_arg(p)
     p.add_argument("--json", metavar="PATH", help="write the results document (JSON) here")
-
-
-def _nonneg_int(name: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-
-    return parse
-
-
-def _nonneg_float(name: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not v >= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-
-    return parse
 
 
 def add_pretrain_parser(sub) -> None:
