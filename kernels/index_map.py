@@ -26,6 +26,16 @@ BIG = 2147483647
 
 
 @triton.jit
+def id_block(ids_ptr, n, sin, sik, k0, K, L, BLOCK: tl.constexpr):
+    """Entries k0 .. k0 + BLOCK of row n of ids: (k, k < K, the ids as int64 (0 past K), k < K and the id in
+    [0, L))."""
+    k = k0 + tl.arange(0, BLOCK)
+    k_ok = k < K
+    v = tl.load(ids_ptr + n * sin + k.to(tl.int64) * sik, mask=k_ok, other=0).to(tl.int64)
+    return k, k_ok, v, k_ok & (v >= 0) & (v < L)
+
+
+@triton.jit
 def build_map(ids_ptr, code_ptr, nxt_ptr, n, K, L, sin, sik,
               BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """Write code[n, :L] and (for repeats) nxt[n, :K] of sample n (an int64 scalar); return the flags."""
@@ -36,37 +46,26 @@ def build_map(ids_ptr, code_ptr, nxt_ptr, n, K, L, sin, sik,
     tl.debug_barrier()
     outside = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        v = tl.load(ids_ptr + n * sin + k.to(tl.int64) * sik, mask=k_ok, other=0).to(tl.int64)
-        ok = k_ok & (v >= 0) & (v < L)
+        k, k_ok, v, ok = id_block(ids_ptr, n, sin, sik, k0, K, L, BLOCK_K)
         outside = tl.maximum(outside, (k_ok & ~ok).to(tl.int32))
         tl.atomic_min(code_row + v, k.to(tl.int32), mask=ok)
     tl.debug_barrier()
     repeats = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        v = tl.load(ids_ptr + n * sin + k.to(tl.int64) * sik, mask=k_ok, other=0).to(tl.int64)
-        ok = k_ok & (v >= 0) & (v < L)
+        k, k_ok, v, ok = id_block(ids_ptr, n, sin, sik, k0, K, L, BLOCK_K)
         first = tl.load(code_row + v, mask=ok, other=0, volatile=True)  # the winner of the atomic min
         repeats = tl.maximum(repeats, (ok & (first != k)).to(tl.int32))
     has_repeats = tl.max(repeats, axis=0)
     if has_repeats > 0:
         for a0 in range(0, K, BLOCK_C):
-            ka = a0 + tl.arange(0, BLOCK_C)
-            a_ok = ka < K
-            va = tl.load(ids_ptr + n * sin + ka.to(tl.int64) * sik, mask=a_ok, other=0).to(tl.int64)
+            ka, a_ok, va, ok = id_block(ids_ptr, n, sin, sik, a0, K, L, BLOCK_C)
             best = tl.full([BLOCK_C], 2147483647, tl.int32)
             for b0 in range(a0, K, BLOCK_C):
-                kb = b0 + tl.arange(0, BLOCK_C)
-                b_ok = kb < K
-                vb = tl.load(ids_ptr + n * sin + kb.to(tl.int64) * sik, mask=b_ok, other=-1).to(tl.int64)
+                kb, b_ok, vb, _ = id_block(ids_ptr, n, sin, sik, b0, K, L, BLOCK_C)
                 same = (va[:, None] == vb[None, :]) & b_ok[None, :] & (kb[None, :] > ka[:, None])
                 best = tl.minimum(best, tl.min(tl.where(same, kb[None, :], 2147483647), axis=1))
             nxt = tl.where(best == 2147483647, -1, best)
             tl.store(nxt_ptr + n * K + ka, nxt, mask=a_ok)
-            ok = a_ok & (va >= 0) & (va < L)
             first = tl.load(code_row + va, mask=ok, other=-1, volatile=True)
             # the first of a chain is marked; a later element reads -(k + 1) or k, never itself
             tl.store(code_row + va, -(ka + 1), mask=ok & (first == ka) & (nxt >= 0))
