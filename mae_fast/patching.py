@@ -108,12 +108,15 @@ def _fast_attention(attn, attn_backend: Optional[str]) -> Attention:
     """An mae_fast Attention around attn's own modules (nothing allocated, no RNG drawn)."""
     qkv, heads = attn.qkv, attn.num_heads
     head_dim = qkv.out_features // (3 * heads)
-    new = Attention(qkv.in_features, heads, attn_head_dim=head_dim, attn_backend=attn_backend, device="meta")
+    gate = getattr(attn, "gate", None)
+    # a shell with the same submodules, so that they register in timm's order (parameters, state_dict)
+    new = Attention(qkv.in_features, heads, attn_head_dim=head_dim, gated=gate is not None, attn_backend=attn_backend,
+                    device="meta")
     new.qkv, new.proj = qkv, attn.proj
     for name in ("q_norm", "k_norm", "norm", "proj_drop"):
         if isinstance(getattr(attn, name, None), nn.Module):
             setattr(new, name, getattr(attn, name))
-    new.gate = getattr(attn, "gate", None)
+    new.gate = gate
     drop = attn.attn_drop  # a Dropout module (timm) or a float (reference)
     new.attn_drop = nn.Dropout(drop.p if isinstance(drop, nn.Dropout) else float(drop))
     # timm 1.0's fused path calls SDPA without a scale (head_dim**-0.5); its other path and older timm use .scale

@@ -216,6 +216,16 @@ def _unfused():
     return model
 
 
+def _vit_with_attention(**attention_args):
+    """A small timm ViT whose blocks hold timm Attention layers built with ``attention_args`` (timm's Block
+    takes only an attention class, so the layers are put in after construction)."""
+    model = _vit()
+    for blk in model.blocks:
+        torch.manual_seed(len(attention_args))
+        blk.attn = TL.Attention(48, num_heads=3, qkv_bias=True, **attention_args)
+    return model
+
+
 SWAPPED = {  # every block becomes an mae_fast.nn.Block
     "vit_tiny_patch16_224": (_small("vit_tiny_patch16_224", img_size=64), 64),
     "deit_tiny_distilled_patch16_224": (_small("deit_tiny_distilled_patch16_224", img_size=64), 64),
@@ -226,6 +236,8 @@ SWAPPED = {  # every block becomes an mae_fast.nn.Block
     "vit SwiGLU, RmsNorm": (lambda: _vit(**VIT_CONFIGS["swiglu_rmsnorm"]), 32),
     "vit pre_norm (CLIP layout)": (lambda: _vit(**VIT_CONFIGS["pre_norm_embed_norm"]), 32),
     "vit, timm's unfused attention": (_unfused, 32),
+    "vit gated attention": (lambda: _vit_with_attention(gated=True), 32),
+    "vit attn_head_dim 8 (attention width != dim)": (lambda: _vit_with_attention(attn_head_dim=8), 32),
 }
 LEFT = {  # nothing can be swapped exactly: patch_model raises and the model is unchanged
     "vit_dwee_patch16_reg1_gap_256 (DiffAttention)": (_small("vit_dwee_patch16_reg1_gap_256", img_size=64), 64),
