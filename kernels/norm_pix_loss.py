@@ -1,17 +1,17 @@
 """Triton kernels of the fused normalized-pixel loss (the op: ``mae_fast.ops.norm_pix_loss``).
 
 Rows: one row per predicted patch (``R = N * Lp`` rows, ``Lp`` = L for the full form, M for the
-masked-only form). A program of ``norm_pix_loss_fwd_kernel`` handles ``ITERS`` blocks of ``BLOCK_P`` rows. A row's
-target is read straight from ``imgs [N, C, H, W]`` or ``[N, C, T, H, W]`` (strided, no patchified copy)
-as a tile [pixels, channels] (pixel = (frame in tubelet * P + row in patch) * P + column in patch; an
-image is one frame, U = 1, time stride 0), which is the patchify order (frame, row, column, channel) of
+masked-only form). A program of ``norm_pix_loss_fwd_kernel`` handles ``ITERS`` blocks of ``BLOCK_P`` rows.
+A row's target is read straight from ``imgs [N, C, H, W]`` or ``[N, C, T, H, W]`` (strided, no patchified
+copy) as a tile [pixels, channels] (pixel = (frame in tubelet * P + row in patch) * P + column in patch;
+an image is one frame, U = 1, time stride 0), which is the patchify order (frame, row, column, channel) of
 the pred row; U*P*P and C are padded to powers of two (p=14: 196 -> 256 pixels) and masked. Token l is
 (slot, row, column) = (l // HW, (l % HW) // GW, l % GW) with HW = GH * GW tokens per time slot.
 
 The forward writes the final gradient, so that backward has nothing to do when grad_output == 1.
 That needs the denominator before the main kernel:
-    den = sum(weight [N, L])  ``norm_pix_loss_den_kernel``: one program, fixed order, reads only the fp32 weight
-                              (full form); masked-only form: den = N * M = R, no kernel.
+    den = sum(weight [N, L])  ``norm_pix_loss_den_kernel``: one program, fixed order, reads only the fp32
+                              weight (full form); masked-only form: den = N * M = R, no kernel.
 
 Forward (``norm_pix_loss_fwd_kernel``), per row with weight w (the mask value; 1 in the masked-only form):
     t          target patch [D] in fp32
@@ -32,9 +32,9 @@ An ``ids`` value outside [0, L) names no patch: that row's target is NaN (no out
 read; the range test masks the load it already guards), so the loss and that row's gradient are NaN.
 
 Backward (``norm_pix_loss_bwd_kernel``): grad_pred = gbuf * (grad_output * unscale), computed in fp32
-(``ROWS``: the row's unscale). In place (eager path) every program loads the two scalars and returns at once when the
-factor is exactly 1 (grad_output == 1 in fp32/bf16): no bytes move, no host sync. Out of place (the
-registered op) it always writes a new tensor.
+(``ROWS``: the row's unscale). In place (eager path) every program loads the two scalars and returns at
+once when the factor is exactly 1 (grad_output == 1 in fp32/bf16): no bytes move, no host sync. Out of
+place (the registered op) it always writes a new tensor.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def norm_pix_loss_fwd_kernel(
 
 @triton.jit
 def norm_pix_loss_finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
-                   BLOCK: tl.constexpr, HAS_W: tl.constexpr, PRESCALE: tl.constexpr):
+                                BLOCK: tl.constexpr, HAS_W: tl.constexpr, PRESCALE: tl.constexpr):
     """loss = sum(loss partials) / den; unscale = 1 unless PRESCALE (then the forward wrote it per row)."""
     offs = tl.arange(0, BLOCK)
     acc_loss = tl.zeros([BLOCK], dtype=tl.float32)
@@ -168,7 +168,7 @@ def norm_pix_loss_finish_kernel(part_ptr, den_ptr, loss_ptr, unscale_ptr, G, R,
 
 @triton.jit
 def norm_pix_loss_bwd_kernel(src_ptr, go_ptr, unscale_ptr, out_ptr, T, D,
-                  BLOCK: tl.constexpr, ITERS: tl.constexpr, IN_PLACE: tl.constexpr, ROWS: tl.constexpr):
+                             BLOCK: tl.constexpr, ITERS: tl.constexpr, IN_PLACE: tl.constexpr, ROWS: tl.constexpr):
     """out = src * (grad_output * unscale) over T values (``ROWS``: unscale per row of D values); in place
     and without ROWS: nothing at all when the factor is 1."""
     pid = tl.program_id(0)
@@ -220,8 +220,9 @@ def _rows_per_program(R: int, block_p: int, max_programs: int):
 
 
 def fwd_config(R: int, P: int, C: int, U: int = 1, tile: int = 1024, max_programs: int = 1 << 16) -> FwdConfig:
-    """``norm_pix_loss_fwd_kernel`` over R patches of U*P*P pixels: one patch per program and a single warp at p = 16
-    (measured fastest on an H200, docs/OPS.md); up to ITERS = 8 blocks per program past max_programs."""
+    """``norm_pix_loss_fwd_kernel`` over R patches of U*P*P pixels: one patch per program and a single warp
+    at p = 16 (measured fastest on an H200, docs/OPS.md); up to ITERS = 8 blocks per program past
+    max_programs."""
     pp_pad, c_pad = triton.next_power_of_2(U * P * P), triton.next_power_of_2(C)
     block_p = max(1, min(16, tile // (pp_pad * c_pad)))
     num_warps = max(1, min(8, block_p * pp_pad * c_pad // 1024))
@@ -236,8 +237,8 @@ def den_config(T: int, max_block: int = 16384) -> BlockConfig:
 
 
 def scale_config(T: int, block: int = 4096, max_programs: int = 2048) -> ScaleConfig:
-    """``norm_pix_loss_bwd_kernel`` over T values: few programs (up to ITERS = 8 blocks each) keep the launch of the
-    in-place early exit short."""
+    """``norm_pix_loss_bwd_kernel`` over T values: few programs (up to ITERS = 8 blocks each) keep the
+    launch of the in-place early exit short."""
     block = min(block, max(128, triton.next_power_of_2(T)))
     iters, grid = _rows_per_program(T, block, max_programs)
     return ScaleConfig(block, iters, 4 if block <= 2048 else 8, grid)

@@ -9,9 +9,10 @@ Backward: l-major: one program per (output position, D block, N split) walks N: 
           once each where ids_restore is a permutation, the grad pos and grad mask_token sums go to fp32
           per-split partials the caller sums in a fixed order (deterministic, no atomics). A row of
           ids_restore that is not a permutation (an r named twice or never, or out of range) leaves its
-          grad_x rows racy or unwritten; ``unshuffle_tokens_fix_kernel``, launched after it, finds those samples
-          (the inverse map of ``index_map.py``) and rewrites their grad_x rows as sums over the l that name
-          each r (torch.gather's gradient). Samples whose row is a permutation cost it the map only.
+          grad_x rows racy or unwritten; ``unshuffle_tokens_fix_kernel``, launched after it, finds those
+          samples (the inverse map of ``index_map.py``) and rewrites their grad_x rows as sums over the l
+          that name each r (torch.gather's gradient). Samples whose row is a permutation cost it the map
+          only.
 """
 import triton
 import triton.language as tl

@@ -149,7 +149,8 @@ def norm_pix_loss_forward_triton(pred, imgs, weight, ids, p: int, norm_pix: bool
     if has_w:  # den = sum(weight), needed by every program of the main kernel
         den = torch.empty((), dtype=torch.float32, device=dev)
         cfg = configs.get("den") or _k.den_config(weight.numel())
-        launch(_k.norm_pix_loss_den_kernel)[(1,)](weight, den, weight.numel(), BLOCK=cfg.block, num_warps=cfg.num_warps)
+        launch(_k.norm_pix_loss_den_kernel)[(1,)](weight, den, weight.numel(), BLOCK=cfg.block,
+                                                  num_warps=cfg.num_warps)
     else:
         den = part  # unused: den = N * M is computed in the kernels
     sid_n, sid_m = (ids.stride(0), ids.stride(1)) if has_ids else (0, 0)
