@@ -220,8 +220,8 @@ def _vit_with_attention(**attention_args):
     """A small timm ViT whose blocks hold timm Attention layers built with ``attention_args`` (timm's Block
     takes only an attention class, so the layers are put in after construction)."""
     model = _vit()
+    torch.manual_seed(1)
     for blk in model.blocks:
-        torch.manual_seed(len(attention_args))
         blk.attn = TL.Attention(48, num_heads=3, qkv_bias=True, **attention_args)
     return model
 
