@@ -44,9 +44,11 @@ def _extension():
 
 
 # kernels/ is reached as mae_fast.kernels through the symlink mae_fast/kernels -> ../kernels, the same in a
-# plain checkout, an editable install and a wheel (which holds the files themselves); find_packages follows it.
+# plain checkout, an editable install and a wheel (which holds the files themselves). It has no __init__.py, so
+# that from the repository root it cannot shadow an installed top-level `kernels` package (kernels/README.md):
+# find_packages skips such a folder, so it is named here.
 setup(
-    packages=find_packages(include=["mae_fast", "mae_fast.*"]),
+    packages=find_packages(include=["mae_fast", "mae_fast.*"]) + ["mae_fast.kernels"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -10,6 +10,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = r"""
 import json, sys, traceback
+sys.path[0] = sys.argv[2]  # imports resolve as in a python started in the repository root ('' first on sys.path)
 blocks = json.load(open(sys.argv[1]))
 for i, (line, code) in enumerate(blocks):
     try:
@@ -33,11 +34,12 @@ def test_readme_python_blocks_run(tmp_path):
     assert len(blocks) >= 5  # the reference, HF, ops, layers and TrainStep examples at least
     path = tmp_path / "blocks.json"
     path.write_text(json.dumps(blocks))
-    # as a user runs them: CUDA hidden, and the ops on the plain torch path CPU tensors take (not through Triton's
-    # interpreter, under which make test runs the rest of the suite)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="",
-               TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", RUNNER, str(path)], cwd=tmp_path, env=env, capture_output=True,
+    # as a user runs them: pasted into a python started in the repository root (its folder first on sys.path, so
+    # the checkout's top-level names meet the installed packages; the files the blocks write go to tmp_path),
+    # CUDA hidden, and the ops on the plain torch path CPU tensors take (not through Triton's interpreter, under
+    # which make test runs the rest of the suite)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", RUNNER, str(path), ROOT], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
 
