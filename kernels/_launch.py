@@ -1,4 +1,6 @@
-"""Launch configurations shared by the row-copy kernels (gather_tokens, unshuffle_tokens, gather_patches)."""
+"""Launch configurations of the kernels, as named tuples: row copies (gather_tokens, unshuffle_tokens,
+gather_patches), their l-major backwards, row reductions (add_layer_norm) and elementwise row tiles (bias_gelu,
+residual_add, pack_qkv_grad)."""
 from typing import NamedTuple
 
 import triton

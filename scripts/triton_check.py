@@ -125,7 +125,7 @@ def model_steps():
 
 def record() -> None:
     """Print the launch signatures of the workloads as JSON lines ("real": from the full-size model step)."""
-    from mae_fast.ops._registry import observe_launches
+    from mae_fast.ops._triton import observe_launches
 
     seen = set()
     for real, run in ((False, workload), (True, model_steps)):

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mae_fast import ops
-from mae_fast.ops._registry import triton_interpret
+from mae_fast.ops.paths import triton_interpret
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_RUNS = torch.cuda.is_available() or triton_interpret()

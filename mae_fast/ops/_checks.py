@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ._registry import dispatching
+from .paths import dispatching
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mae_fast.kernels import index_map as _k
 
-from ._registry import launch
+from ._triton import launch
 
 
 def index_map(ids: Tensor, L: int) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,11 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import add_layer_norm as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, once_differentiable, rows, unused_pointer, use_triton, wide
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._triton import launch
+from .paths import use_triton
 
 __all__ = ["add_layer_norm", "add_layer_norm_torch", "add_layer_norm_backward_torch"]
 
@@ -56,7 +60,7 @@ def add_layer_norm_backward_torch(dy: Tensor, s: Tensor, weight: Optional[Tensor
     return dz.to(dz_dtype), dbr, sums
 
 
-@kernel("add_layer_norm")
+@register_op("add_layer_norm")
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, branch: Optional[Tensor],
              branch_bias: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(x):
@@ -81,7 +85,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     return y, s, mean, rstd
 
 
-@kernel("add_layer_norm_backward")
+@register_op("add_layer_norm_backward")
 def _backward(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, ds: Optional[Tensor],
               dz_dtype: torch.dtype, dbr_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
     if not use_triton(dy):
@@ -114,8 +118,9 @@ class _AddLayerNorm(torch.autograd.Function):
             y, s, mean, rstd = _forward(x2, weight, bias, float(eps), br2, branch_bias, out_dtype)
         s2 = s if branch is not None else x2
         ctx.save_for_backward(s2, weight, mean, rstd)
-        ctx.meta = (x.shape, x.dtype, None if branch is None else branch.dtype, bias is not None,
-                    None if branch_bias is None else branch_bias.dtype)
+        ctx.shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
+        ctx.branch_dtype = None if branch is None else branch.dtype
+        ctx.branch_bias_dtype = None if branch_bias is None else branch_bias.dtype
         s_out = s.view(x.shape) if branch is not None else x  # without a branch, s is x itself
         return y.view(x.shape[:-1] + (x.shape[-1],)), s_out
 
@@ -123,9 +128,9 @@ class _AddLayerNorm(torch.autograd.Function):
     @once_differentiable("add_layer_norm")
     def backward(ctx, dy, ds):
         s2, weight, mean, rstd = ctx.saved_tensors
-        shape, x_dtype, br_dtype, has_bias, brb_dtype = ctx.meta
+        shape, x_dtype, has_bias = ctx.shape, ctx.x_dtype, ctx.has_bias
+        br_dtype, brb_dtype = ctx.branch_dtype, ctx.branch_bias_dtype
         need_x, need_w, need_b, _, need_br, need_brb, _ = ctx.needs_input_grad
-        D = shape[-1]
         if dy is None:
             dy = torch.zeros(shape, dtype=x_dtype, device=s2.device)
         with autocast_off(s2):

@@ -14,7 +14,11 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import bias_gelu as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, once_differentiable, rows, unused_pointer, use_triton, wide
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._triton import launch
+from .paths import use_triton
 
 __all__ = ["bias_gelu", "bias_gelu_torch", "bias_gelu_backward_torch"]
 APPROXIMATIONS = ("none", "tanh")
@@ -33,7 +37,7 @@ def bias_gelu_backward_torch(da: Tensor, h: Tensor, bias: Optional[Tensor], appr
     return dh.to(h.dtype), dh.sum(0)
 
 
-@kernel("bias_gelu")
+@register_op("bias_gelu")
 def _forward(h: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     if not use_triton(h):
         return bias_gelu_torch(h, bias, approximate)
@@ -50,7 +54,7 @@ def _forward(h: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     return a
 
 
-@kernel("bias_gelu_backward")
+@register_op("bias_gelu_backward")
 def _backward(da: Tensor, h: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
     if not use_triton(da):
         return bias_gelu_backward_torch(da, h, bias, approximate)

@@ -9,6 +9,7 @@ Kernels: ``kernels/gather_patches.py``; plain torch path: :func:`gather_patches_
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from mae_fast.kernels import _launch
@@ -16,7 +17,11 @@ from mae_fast.kernels import gather_patches as _k
 
 from ._checks import INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
 from ._indices import index_map, poison_rows, valid_and_clamped
-from ._registry import cdiv, kernel, launch, once_differentiable, use_triton, wide
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import wide
+from ._triton import launch
+from .paths import use_triton
 
 __all__ = ["gather_patches", "gather_patches_torch", "gather_patches_backward_torch"]
 
@@ -51,7 +56,7 @@ def gather_patches_backward_torch(grad: Tensor, ids_keep: Tensor, C: int, T: int
     return gx.reshape(N, C, T, H, W).contiguous()
 
 
-@kernel("gather_patches")
+@register_op("gather_patches")
 def _forward(imgs: Tensor, ids_keep: Tensor, patch_size: int, t_patch_size: int) -> Tensor:
     if not use_triton(imgs):
         return gather_patches_torch(imgs, ids_keep, patch_size, t_patch_size)
@@ -64,7 +69,7 @@ def _forward(imgs: Tensor, ids_keep: Tensor, patch_size: int, t_patch_size: int)
     if out.numel() == 0:
         return out
     cfg = _launch.row_copy(E)
-    launch(_k.gather_patches_fwd_kernel)[(cdiv(N * K, cfg.block_rows), cdiv(E, cfg.block_cols))](
+    launch(_k.gather_patches_fwd_kernel)[(triton.cdiv(N * K, cfg.block_rows), triton.cdiv(E, cfg.block_cols))](
         imgs, ids_keep, out,
         N * K, K, E, W // p, (H // p) * (W // p), L,
         imgs.stride(0), imgs.stride(1), sit, imgs.stride(-2), imgs.stride(-1),
@@ -74,7 +79,7 @@ def _forward(imgs: Tensor, ids_keep: Tensor, patch_size: int, t_patch_size: int)
     return out
 
 
-@kernel("gather_patches_backward")
+@register_op("gather_patches_backward")
 def _backward(grad: Tensor, ids_keep: Tensor, C: int, T: int, H: int, W: int, patch_size: int,
               t_patch_size: int) -> Tensor:
     if not use_triton(grad):
@@ -87,7 +92,7 @@ def _backward(grad: Tensor, ids_keep: Tensor, C: int, T: int, H: int, W: int, pa
         return gi
     cfg = _launch.row_copy(E)
     code, nxt = index_map(ids_keep, L)  # [N, L], [N, K]
-    launch(_k.gather_patches_bwd_kernel)[(cdiv(N * L, cfg.block_rows), cdiv(E, cfg.block_cols))](
+    launch(_k.gather_patches_bwd_kernel)[(triton.cdiv(N * L, cfg.block_rows), triton.cdiv(E, cfg.block_cols))](
         grad, code, nxt, gi,
         N * L, L, K, E, W // p, (H // p) * (W // p), T, H, W,
         grad.stride(0), grad.stride(1), grad.stride(2),

@@ -8,6 +8,7 @@ outside [0, L) gives a NaN row, a repeated one the summed gradient.
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from mae_fast.kernels import _launch
@@ -15,8 +16,11 @@ from mae_fast.kernels import gather_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
 from ._indices import index_map, poison_rows, valid_and_clamped
-from ._registry import (cdiv, kernel, launch, no_grad_placeholder, once_differentiable, unused_pointer, use_triton,
-                        wide)
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import no_grad_placeholder, unused_pointer, wide
+from ._triton import launch
+from .paths import use_triton
 
 __all__ = ["gather_tokens", "gather_tokens_torch", "gather_tokens_backward_torch"]
 
@@ -49,7 +53,7 @@ def gather_tokens_backward_torch(grad: Tensor, ids_keep: Tensor, L: int, P: int,
     return (gx.to(grad.dtype) if need_x else grad.new_empty((0,))), gpos, gpre
 
 
-@kernel("gather_tokens")
+@register_op("gather_tokens")
 def _forward(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor], prefix: Optional[Tensor]) -> Tensor:
     if not use_triton(x):
         return gather_tokens_torch(x, ids_keep, pos_embed, prefix)
@@ -62,7 +66,7 @@ def _forward(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor], prefix: O
     cfg = _launch.row_copy(D)
     pos = pos_embed if pos_embed is not None else x
     pre = prefix if prefix is not None else x
-    launch(_k.gather_tokens_fwd_kernel)[(cdiv(N * T, cfg.block_rows), cdiv(D, cfg.block_cols))](
+    launch(_k.gather_tokens_fwd_kernel)[(triton.cdiv(N * T, cfg.block_rows), triton.cdiv(D, cfg.block_cols))](
         x, ids_keep, pos, pre, out,
         N * T, T, P, D, x.shape[1],
         x.stride(0), x.stride(1), x.stride(2),
@@ -75,7 +79,7 @@ def _forward(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor], prefix: O
     return out
 
 
-@kernel("gather_tokens_backward")
+@register_op("gather_tokens_backward")
 def _backward(grad: Tensor, ids_keep: Tensor, L: int, P: int, need_x: bool, need_pos: bool,
               need_prefix: bool) -> tuple[Tensor, Tensor, Tensor]:
     if not use_triton(grad):
@@ -90,7 +94,7 @@ def _backward(grad: Tensor, ids_keep: Tensor, L: int, P: int, need_x: bool, need
     part = torch.empty((cfg.splits, P + L, D) if need_pos or need_prefix else (1,), dtype=torch.float32,
                        device=grad.device)
     code, nxt = index_map(ids_keep, L)  # [N, L], [N, K]
-    launch(_k.gather_tokens_bwd_kernel)[(P + L, cdiv(D, cfg.block_d), cfg.splits)](
+    launch(_k.gather_tokens_bwd_kernel)[(P + L, triton.cdiv(D, cfg.block_d), cfg.splits)](
         grad, code, nxt, gx if need_x else unused_pointer(grad), part,
         N, L, P, ids_keep.shape[1], D, cfg.chunk_n,
         grad.stride(0), grad.stride(1), grad.stride(2),

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_dtype, autocast_off, once_differentiable, wide
+from ._autograd import once_differentiable
+from ._tensors import autocast_dtype, autocast_off, wide
 
 __all__ = ["linear", "compute_dtype", "mm_out"]
 

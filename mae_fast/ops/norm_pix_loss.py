@@ -19,7 +19,11 @@ from mae_fast.kernels import norm_pix_loss as _k
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled,
                       check_number, check_same_device, check_shape, check_tensor)
 from ._indices import valid_and_clamped
-from ._registry import autocast_off, dispatching, kernel, launch, once_differentiable, use_triton, wide
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import autocast_off, wide
+from ._triton import launch
+from .paths import dispatching, use_triton
 
 __all__ = ["norm_pix_loss", "norm_pix_loss_torch", "norm_pix_loss_forward_torch", "norm_pix_loss_forward_triton"]
 
@@ -188,7 +192,7 @@ def _scale_triton(gbuf, unscale, grad_loss, out, config=None):
 
 
 # ------------------------------------------------------------------------------------------ registered kernels
-@kernel("norm_pix_loss_fwd")
+@register_op("norm_pix_loss_fwd")
 def _forward(pred: Tensor, imgs: Tensor, weight: Optional[Tensor], ids: Optional[Tensor], patch_size: int,
              norm_pix: bool, eps: float, t_patch_size: int, write_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     if not use_triton(pred):
@@ -196,7 +200,7 @@ def _forward(pred: Tensor, imgs: Tensor, weight: Optional[Tensor], ids: Optional
     return norm_pix_loss_forward_triton(pred, imgs, weight, ids, patch_size, norm_pix, eps, t_patch_size, write_grad)
 
 
-@kernel("norm_pix_loss_bwd")
+@register_op("norm_pix_loss_bwd")
 def _backward(gbuf: Tensor, unscale: Tensor, grad_loss: Tensor) -> Tensor:
     """grad_pred = gbuf * (grad_loss * unscale): a new tensor, the buffer is not modified."""
     if not use_triton(gbuf):

@@ -14,7 +14,11 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import residual_add as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, once_differentiable, rows, unused_pointer, use_triton, wide
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._triton import launch
+from .paths import use_triton
 
 __all__ = ["residual_add", "residual_add_torch", "residual_add_backward_torch"]
 
@@ -31,7 +35,7 @@ def residual_add_backward_torch(dout: Tensor, dbr_dtype: Optional[torch.dtype]):
     return dbr, wide(dout).sum(0)
 
 
-@kernel("residual_add")
+@register_op("residual_add")
 def _forward(s: Tensor, branch: Tensor, bias: Optional[Tensor]) -> Tensor:
     if not use_triton(s):
         return residual_add_torch(s, branch, bias)
@@ -47,7 +51,7 @@ def _forward(s: Tensor, branch: Tensor, bias: Optional[Tensor]) -> Tensor:
     return out
 
 
-@kernel("residual_add_backward")
+@register_op("residual_add_backward")
 def _backward(dout: Tensor, dbr_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
     if not use_triton(dout):
         return residual_add_backward_torch(dout, dbr_dtype)

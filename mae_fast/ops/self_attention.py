@@ -4,7 +4,7 @@ in the same pass.
 
 ``o = self_attention(x, qkv_weight, qkv_bias, num_heads, scale=None, dropout_p=0.0, backend=None)``:
 qkv = x @ qkv_weight^T + qkv_bias [B, N, 3*D] (q, k, v heads in timm's layout), o = softmax(q k^T * scale) v
-through ``mae_fast.nn.attention`` (``backend``: "auto", "flash", "cudnn", ...; None: the global setting),
+through ``mae_fast.nn.attn_backends`` (``backend``: "auto", "flash", "cudnn", ...; None: the global setting),
 returned as [B, N, D]. The GEMMs follow :func:`mae_fast.ops.linear` (autocast dtype, fp32 weight gradient).
 Kernel: ``kernels/self_attention.py`` (the packed gradient); plain torch path: :func:`pack_qkv_grad_torch`.
 """
@@ -17,7 +17,11 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import self_attention as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._registry import autocast_off, kernel, launch, once_differentiable, use_triton, wide
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import autocast_off, wide
+from ._triton import launch
+from .paths import use_triton
 from .linear import compute_dtype, mm_out
 
 __all__ = ["self_attention", "pack_qkv_grad_torch"]
@@ -31,7 +35,7 @@ def pack_qkv_grad_torch(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool):
     return dqkv, dbias
 
 
-@kernel("pack_qkv_grad")
+@register_op("pack_qkv_grad")
 def _pack(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool) -> tuple[Tensor, Tensor]:
     if not use_triton(dq):
         return pack_qkv_grad_torch(dq, dk, dv, need_bias)
@@ -52,7 +56,7 @@ def _pack(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool) -> tuple[Tensor, 
 class _SelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_heads, scale, dropout_p, backend, dtype):
-        from ..nn.attention import attention  # the backend choice (and "auto"'s measurement) lives there
+        from ..nn.attn_backends import attention  # the backend choice (and "auto"'s measurement) lives there
 
         B, N, C = x.shape
         hd = C // num_heads

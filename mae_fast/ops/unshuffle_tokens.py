@@ -17,8 +17,11 @@ from mae_fast.kernels import unshuffle_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indices_enabled, check_permutation_rows, check_shape, check_tensor
 from ._indices import poison_rows, valid_and_clamped
-from ._registry import (cdiv, kernel, launch, no_grad_placeholder, once_differentiable, unused_pointer, use_triton,
-                        wide)
+from ._autograd import once_differentiable
+from ._op import register_op
+from ._tensors import no_grad_placeholder, unused_pointer, wide
+from ._triton import launch
+from .paths import use_triton
 
 __all__ = ["unshuffle_tokens", "unshuffle_tokens_torch", "unshuffle_tokens_backward_torch"]
 
@@ -63,7 +66,7 @@ def unshuffle_tokens_backward_torch(grad: Tensor, ids_restore: Tensor, K: int, P
     return gx, gpos, gmask
 
 
-@kernel("unshuffle_tokens")
+@register_op("unshuffle_tokens")
 def _forward(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Optional[Tensor],
              num_prefix: int, out_dtype: torch.dtype) -> Tensor:
     if not use_triton(x):
@@ -76,7 +79,7 @@ def _forward(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Opti
         return out
     cfg = _launch.row_copy(D)
     pos = pos_embed if pos_embed is not None else x
-    launch(_k.unshuffle_tokens_fwd_kernel)[(cdiv(N * T, cfg.block_rows), cdiv(D, cfg.block_cols))](
+    launch(_k.unshuffle_tokens_fwd_kernel)[(triton.cdiv(N * T, cfg.block_rows), triton.cdiv(D, cfg.block_cols))](
         x, ids_restore, mask_token, pos, out,
         N * T, T, P, T_in - P, D, L,
         x.stride(0), x.stride(1), x.stride(2),
@@ -88,7 +91,7 @@ def _forward(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Opti
     return out
 
 
-@kernel("unshuffle_tokens_backward")
+@register_op("unshuffle_tokens_backward")
 def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, need_pos: bool,
               need_mask: bool, x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     if not use_triton(grad):
@@ -103,7 +106,7 @@ def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, n
     cfg = _launch.column_split(N, T, D)
     ppos = torch.empty((cfg.splits, T, D) if need_pos else (1,), dtype=torch.float32, device=grad.device)
     pmask = torch.empty((cfg.splits, L, D) if need_mask else (1,), dtype=torch.float32, device=grad.device)
-    launch(_k.unshuffle_tokens_bwd_kernel)[(T, cdiv(D, cfg.block_d), cfg.splits)](
+    launch(_k.unshuffle_tokens_bwd_kernel)[(T, triton.cdiv(D, cfg.block_d), cfg.splits)](
         grad, ids_restore, gx if need_x else unused_pointer(grad), ppos, pmask,
         N, L, P, K, D, cfg.chunk_n,
         grad.stride(0), grad.stride(1), grad.stride(2),

@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 from mae_fast import ops, reference
-from mae_fast.ops._registry import triton_interpret
+from mae_fast.ops.paths import triton_interpret
 from mae_fast.testing import randn, random_ids
 
 

@@ -13,7 +13,7 @@ from mae_fast import reference
 from mae_fast.kernels import norm_pix_loss as K
 from mae_fast.ops import norm_pix_loss
 from mae_fast.ops.norm_pix_loss import norm_pix_loss_forward_torch, norm_pix_loss_forward_triton
-from mae_fast.ops._registry import triton_interpret
+from mae_fast.ops.paths import triton_interpret
 from mae_fast.testing import assert_close_to_oracle, rel_err
 
 TRITON_RUNS = torch.cuda.is_available() or triton_interpret()
