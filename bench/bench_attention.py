@@ -3,7 +3,7 @@
 The shapes an MAE runs: encoders on 1+K visible tokens (K = 49 at ratio 0.75 on a 14x14 grid, head dim
 64; ViT-H/14: 1+64 tokens, head dim 80), the decoder on 1+L tokens (197 or 257, head dim 32); none is a
 multiple of 128. Every backend is tried; those that cannot run are reported as such. The "auto" row is
-what ``attn_backend="auto"`` measures at run time (``mae_fast.nn.attention.tune``), with its choice.
+what ``attn_backend="auto"`` measures at run time (``mae_fast.nn.attn_backends.tune``), with its choice.
 
     python bench/bench_attention.py [--json bench/results/attention_h200.json]
     python bench/bench_attention.py --small
@@ -11,7 +11,7 @@ what ``attn_backend="auto"`` measures at run time (``mae_fast.nn.attention.tune`
 import _harness
 import torch
 
-from mae_fast.nn.attention import BACKENDS, attention, attn_autotune_results
+from mae_fast.nn.attn_backends import BACKENDS, attention, attn_autotune_results
 from mae_fast.testing import rel_err
 
 SHAPES = [  # name, B, H, N, hd

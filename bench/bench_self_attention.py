@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_fast import ops
-from mae_fast.nn.attention import attention
+from mae_fast.nn.attn_backends import attention
 
 CASES = [(256, 50, 768, 12), (256, 50, 1024, 16), (256, 197, 512, 16)]
 

@@ -3,7 +3,14 @@ from .. import configs as _configs
 from .mae import MaskedAutoencoderViT, init_weights, load_pretrained_encoder
 
 MODELS = _configs.factories(MaskedAutoencoderViT)
-globals().update(MODELS)  # mae_vit_base_patch16(), ... : every factory name of mae_fast.configs
+mae_vit_base_patch16_dec512d8b = MODELS["mae_vit_base_patch16_dec512d8b"]
+mae_vit_large_patch16_dec512d8b = MODELS["mae_vit_large_patch16_dec512d8b"]
+mae_vit_huge_patch14_dec512d8b = MODELS["mae_vit_huge_patch14_dec512d8b"]
+mae_vit_tiny_patch8_dec128d2b = MODELS["mae_vit_tiny_patch8_dec128d2b"]
+mae_vit_base_patch16 = MODELS["mae_vit_base_patch16"]
+mae_vit_large_patch16 = MODELS["mae_vit_large_patch16"]
+mae_vit_huge_patch14 = MODELS["mae_vit_huge_patch14"]
+mae_vit_tiny_patch8 = MODELS["mae_vit_tiny_patch8"]
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:

@@ -28,11 +28,9 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..nn import Block, PatchEmbed
-from ..nn.fused import kernels_apply, run_blocks
+from ..nn import Block, PatchEmbed, policy
+from ..nn.fused import run_blocks
 from ..nn.pos_embed import sincos_pos_embed
-from ..ops._checks import check_indices_enabled, check_ratio
-from ..ops._registry import autocast_dtype, dispatching
 
 
 class FastMAEMethods:
@@ -94,11 +92,11 @@ class FastMAEMethods:
 
     # -- the pieces
     def _masking(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor]):
-        mask_ratio = check_ratio("mask_ratio", mask_ratio)  # a float, numpy scalar or 0-d tensor in [0, 1)
+        mask_ratio = ops.check_ratio("mask_ratio", mask_ratio)  # a float, numpy scalar or 0-d tensor in [0, 1)
         self.patch_embed.check_input(imgs)
         # non-finite pixels would only show up as a NaN loss steps later; say so now where it is free
         # of a device sync (CPU), or when asked (MAE_FAST_CHECK_INDICES=1 on CUDA)
-        if (imgs.device.type == "cpu" or check_indices_enabled()) and not dispatching():
+        if (imgs.device.type == "cpu" or ops.check_indices_enabled()) and not ops.dispatching():
             # a NaN/inf anywhere makes the sum non-finite (cheap); only then look element by element
             if not bool(torch.isfinite(imgs.sum(dtype=torch.float32))) and not bool(torch.isfinite(imgs).all()):
                 raise ValueError("imgs contains NaN or inf values")
@@ -107,7 +105,7 @@ class FastMAEMethods:
     def _masks(self, N: int, L: int, mask_ratio: float, device, noise: Optional[torch.Tensor]):
         if noise is None and self.official_noise:
             noise = torch.rand(N, L // self.mask_frames, device=device)  # the official draw
-        return ops.random_masking(N, L, check_ratio("mask_ratio", mask_ratio), device=device, noise=noise,
+        return ops.random_masking(N, L, ops.check_ratio("mask_ratio", mask_ratio), device=device, noise=noise,
                                   frames=self.mask_frames)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
@@ -126,7 +124,7 @@ class FastMAEMethods:
 
     def _decode_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Decoder blocks on cls + all L tokens (mask tokens filled in): [N, 1+L, Dd], before decoder_norm."""
-        x = _linear(self.decoder_embed, latent)  # [N, 1+K, Dd] in the GEMM dtype
+        x = policy.linear(self.decoder_embed, latent)  # [N, 1+K, Dd] in the GEMM dtype
         # the official cat with the fp32 mask token and + fp32 positions: an fp32 stream under autocast
         stream = _promote(x.dtype, self.mask_token.dtype, self.decoder_pos_embed.dtype)
         x = ops.unshuffle_tokens(x, ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed, num_prefix=1,
@@ -135,7 +133,7 @@ class FastMAEMethods:
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         """decoder_norm and decoder_pred on decoder tokens x [N, M, Dd] -> [N, M, (u*)p*p*C]."""
-        return _linear(self.decoder_pred, _norm(self.decoder_norm, x, _gemm_dtype(x)))
+        return policy.linear(self.decoder_pred, policy.norm(self.decoder_norm, x, policy.gemm_dtype(x)))
 
     # -- the official methods
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
@@ -169,7 +167,7 @@ class FastMAEMethods:
         K, L = m.ids_keep.shape[1], m.ids_restore.shape[1]
         if K == L or imgs.shape[0] == 0:  # nothing removed (a loss over every patch) or no sample: as forward
             return self.forward(imgs, mask_ratio, noise)[0]
-        latent = self._encode(imgs, m.ids_keep, out_dtype=_gemm_dtype(imgs))  # [N, 1+K, D], for decoder_embed
+        latent = self._encode(imgs, m.ids_keep, out_dtype=policy.gemm_dtype(imgs))  # [N, 1+K, D], for decoder_embed
         x = self._decode_tokens(latent, m.ids_restore)  # [N, 1+L, Dd]
         ids_masked = m.ids_masked  # [N, L-K], the removed tokens in ascending-noise order
         pred = self._predict(ops.gather_tokens(x, ids_masked + 1))  # [N, L-K, p*p*C] (row 0 of x is cls)
@@ -177,9 +175,6 @@ class FastMAEMethods:
                                  ids_masked=ids_masked, t_patch_size=self.t_patch_size)
 
 
-def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a GEMM consuming x runs in: the autocast dtype on x's device, else x's own."""
-    return autocast_dtype(x) or x.dtype
 
 
 def _promote(*dtypes: torch.dtype) -> torch.dtype:
@@ -190,20 +185,8 @@ def _promote(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float32  # two 16-bit formats
 
 
-def _norm(norm: nn.Module, x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """A LayerNorm through the fused op (fp32 statistics, output cast once) where the ops run kernels, any
-    other norm (or on a plain CPU) as it is."""
-    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and kernels_apply(x):
-        return ops.add_layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)[0]
-    return norm(x)
 
 
-def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An nn.Linear through ops.linear (fp32 weight gradient, no per-step casts of it) where the ops run
-    kernels, anything else (or on a plain CPU) as it is."""
-    if type(module) is nn.Linear and kernels_apply(x):
-        return ops.linear(x, module.weight, module.bias)
-    return module(x)
 
 
 class MaskedAutoencoderViT(FastMAEMethods, nn.Module):

@@ -25,14 +25,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
-import time
 import warnings
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .. import timing
 
 
 BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "xformers")
@@ -180,29 +180,6 @@ def _why(e: Exception) -> str:
     return f"unavailable: {type(e).__name__}: {first}"
 
 
-def _wall_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on CUDA, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (NaN when a is not finite)."""
     a, b = a.detach().double(), b.detach().double()
@@ -235,7 +212,7 @@ def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, g
 
     try:
         with torch.random.fork_rng(devices=[full[0].device] if full[0].device.type == "cuda" else []):
-            return _wall_ms(step, full[0].device, warmup, reps), None
+            return timing.median_ms(step, full[0].device, warmup, reps), None
     except Exception as e:  # noqa: BLE001 - e.g. out of memory at the full shape, or no dropout support
         return None, _why(e)
 

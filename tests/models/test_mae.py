@@ -292,7 +292,7 @@ def test_patch_model_on_reference():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     assert patch_model(model) is model
     assert isinstance(model, R.MaskedAutoencoderViT)  # still the user's class (a subclass of it)
-    assert type(model.blocks[0]).__module__ == "mae_fast.nn.layers"
+    assert type(model.blocks[0]).__module__ == "mae_fast.nn.block"
     assert all(a is b for a, b in zip(params_before, model.parameters()))  # the same Parameter objects
     assert list(model.state_dict()) == list(sd_before)
     loss2, pred2, mask2 = model(imgs, 0.75, noise)
@@ -319,7 +319,7 @@ def test_patch_model_timm_style_vit_and_errors():
     x = torch.randn(3, 11, 32)
     before = vit(x)
     patch_model(vit, attn_backend="math")
-    assert all(type(b).__module__ == "mae_fast.nn.layers" and b.attn.attn_backend == "math" for b in vit.blocks)
+    assert all(type(b).__module__ == "mae_fast.nn.block" and b.attn.attn_backend == "math" for b in vit.blocks)
     torch.testing.assert_close(vit(x), before, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no timm-style Block"):
         patch_model(torch.nn.Linear(3, 3))
@@ -426,3 +426,11 @@ def test_cuda_timm_parity():
     mine.load_state_dict(blk.state_dict(), strict=True)
     x = torch.randn(3, 50, 64, device="cuda")
     torch.testing.assert_close(mine(x), blk(x), rtol=1e-4, atol=1e-5)
+
+
+def test_every_config_has_a_named_factory():
+    """Each config name is a function of mae_fast.models (written out, so a search finds its definition)."""
+    from mae_fast import configs, models
+
+    for name in configs.NAMES:
+        assert getattr(models, name) is models.MODELS[name] and getattr(models, name).__name__ == name

@@ -4,7 +4,7 @@ import importlib
 import pytest
 import torch
 
-A = importlib.import_module("mae_fast.nn.attention")  # the module (mae_fast.nn.attention is also a function name)
+A = importlib.import_module("mae_fast.nn.attn_backends")
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,7 @@ def test_auto_picks_the_fastest_correct_backend(monkeypatch):
         return {"broken": 0.1, "nan": 0.1, "flash": 2.0, "math": 1.0}[last["name"]]
 
     monkeypatch.setattr(A, "_run", fake_run)
-    monkeypatch.setattr(A, "_wall_ms", fake_ms)
+    monkeypatch.setattr(A.timing, "median_ms", fake_ms)
     monkeypatch.setattr(A, "candidates", lambda device: ["broken", "nan", "missing", "flash", "math"])
     A.attention(*_qkv())
     (entry,) = A.attn_autotune_results().values()

@@ -11,7 +11,7 @@ import mae_fast.nn as mnn
 from mae_fast import ops
 from mae_fast.configs import LAYER_NORM
 from mae_fast.nn.fused import run_blocks
-from mae_fast.ops._registry import triton_interpret
+from mae_fast.ops.paths import triton_interpret
 from mae_fast.testing import randn, rel_err
 
 TRITON_RUNS = torch.cuda.is_available() or triton_interpret()
