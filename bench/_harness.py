@@ -2,7 +2,7 @@
 
 Each ``bench/bench_<op>.py`` times ``mae_fast.ops.<op>`` beside the reference's eager ops
 (``mae_fast.reference``) and ``torch.compile`` of them, with the timing of ``mae-fast bench``
-(``mae_fast.tools.timing``). On CUDA every call is timed twice: ``median_ms`` is the device time (the
+(``mae_fast.timing``). On CUDA every call is timed twice: ``median_ms`` is the device time (the
 call captured in a CUDA graph and replayed: these ops take tens of microseconds, less than the host
 time of a Python call) and ``eager_ms`` the plain calls (what an uncaptured training loop sees). Bytes
 are what an op must read and write once; ``frac_copy`` is bytes / median_ms over the copy bandwidth
@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from mae_fast.tools import report, timing
+from mae_fast import timing
+from mae_fast.tools import ceilings, report
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASELINE = "reference eager"
@@ -63,7 +64,7 @@ class Bench:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[args.dtype]
         self.graphs = self.device.type == "cuda" and not args.no_graphs
-        self.copy_bw = timing.copy_bandwidth(self.device)
+        self.copy_bw = ceilings.copy_bandwidth(self.device)
         self.gen = torch.Generator().manual_seed(0)
         self.rows: List[dict] = []
         self.config: Dict = {"dtype": args.dtype, "copy_bandwidth_GBps": self.copy_bw / 1e9,

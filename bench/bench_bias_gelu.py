@@ -8,7 +8,6 @@ GEMM's epilogue in the reference, here by the op). bytes: h and a (forward); da,
     python bench/bench_bias_gelu.py --small
 """
 import _harness
-import torch
 import torch.nn.functional as F
 
 from mae_fast import ops

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_RATIOS = "0,0.25,0.5,0.75,0.9"
 DEFAULT_PATCHES = "2,4,8"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -49,7 +48,8 @@ import torch
 import torch.nn as nn
 
 from .. import reference
-from . import defaults, flops, report, timing
+from .. import timing
+from . import ceilings, defaults, flops, report
 from .progress import bar as progress_bar
 
 CPU_DEFAULT = defaults.BENCH["cpu"]
@@ -78,7 +78,7 @@ class BenchConfig:
     # None: the default set (reference, mae_fast when it imports; +compile ones when ``compile``)
     variants: Optional[List[str]] = None
     compile: Optional[bool] = None  # None: on a GPU yes, on a CPU no (compiling on a CPU is slow)
-    peak_tflops: Optional[float] = None  # None: measured in the run (timing.matmul_peak)
+    peak_tflops: Optional[float] = None  # None: measured in the run (ceilings.matmul_peak)
     # video: clips of num_frames frames, tubelets of t_patch_size frames (1, 1: the image model)
     num_frames: int = 1
     t_patch_size: int = 1
@@ -375,8 +375,7 @@ class _Runner:
         self.model = _wrap_ddp(model, device) if distributed else model
         self.imgs_pool = imgs_pool
         self.i = 0
-        self.times: List[float] = []
-        self.events: list = []
+        self.timer = timing.StepTimer(device)
         self.peak_bytes = 0
         self.resident_bytes = 0
         self.allocated_before = 0  # what the process held before this variant was built (CUDA)
@@ -419,22 +418,15 @@ class _Runner:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with self.timer:
             self.last_loss = self.step()
-            end.record()
-            self.events.append((start, end))
+        if cuda:
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
-        else:
-            t0 = time.perf_counter()
-            self.last_loss = self.step()
-            self.times.append((time.perf_counter() - t0) * 1e3)
 
-    def collect(self) -> None:
-        if self.events:
-            torch.cuda.synchronize(self.device)
-            self.times.extend(s.elapsed_time(e) for s, e in self.events)
-            self.events = []
+    @property
+    def times(self) -> List[float]:
+        """Every timed step's milliseconds so far."""
+        return self.timer.collect()
 
 
 def cpu_load() -> Optional[float]:
@@ -460,7 +452,7 @@ def measure_peak(cfg: BenchConfig, device: torch.device) -> tuple:
     if device.type == "cpu":
         dt = torch.float32 if dt == torch.float16 else dt
     n = 8192 if device.type == "cuda" else 1024
-    return timing.matmul_peak(device, dt, n=n), f"measured: {n}x{n} {str(dt).replace('torch.', '')} matmul (p20)"
+    return ceilings.matmul_peak(device, dt, n=n), f"measured: {n}x{n} {str(dt).replace('torch.', '')} matmul (p20)"
 
 
 # --------------------------------------------------------------------------- the run
@@ -509,13 +501,11 @@ def run(cfg: BenchConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     for i in range(cfg.steps):  # interleaved rounds: one step of each variant
         for r in runners:
             r.timed_step()
-        if cuda and (i + 1) % 8 == 0:
+        if cuda and (i + 1) % 8 == 0:  # read the events now and then (a bounded number pending)
             for r in runners:
-                r.collect()
+                r.timer.collect()
         bar.update(1)
     bar.close()
-    for r in runners:
-        r.collect()
 
     results = []
     for r in runners:
