@@ -17,6 +17,7 @@ How a call runs on CUDA with ``cuda_graph=True``:
 3. The next call captures forward + backward + (gradient clipping) + optimizer step, with gradients set
    to None first, so that backward allocates them inside the graph: they are static buffers, written
    (not accumulated) by every replay. It then replays the graph once; every later call only replays it.
+   The capture is thread-local: other threads may use CUDA meanwhile (a DataLoader's pin-memory thread).
 4. The masking engine and torch's random ops take their Philox seed and offset from the CUDA generator,
    which advances them at every replay exactly as an eager step would: each replay draws new masks, the
    same ones an eager loop draws with the same seed.
@@ -399,7 +400,10 @@ class TrainStep:
         self._lrs = self._install_lr_tensors()  # param groups may have been added or replaced since
         graph = torch.cuda.CUDAGraph()
         try:
-            with _quiet_uncaptured_step(), torch.cuda.graph(graph, stream=self._stream):
+            # thread-local capture: other threads' CUDA calls stay legal meanwhile (a DataLoader's pin-memory
+            # thread copies the next batch while the step is captured); this thread's own are still checked
+            with _quiet_uncaptured_step(), torch.cuda.graph(graph, stream=self._stream,
+                                                            capture_error_mode="thread_local"):
                 loss, norm = self._step(self._static)
         except Exception as e:
             self._reset_graph()

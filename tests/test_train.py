@@ -373,8 +373,11 @@ class _FakeCuda:
         return self.side
 
     @contextlib.contextmanager
-    def _graph(self, graph, stream=None):
+    def _graph(self, graph, stream=None, capture_error_mode="global"):
         assert stream is self.side  # captured on the warm-up stream
+        # other threads (a pinned DataLoader's) may call CUDA while the step is captured: only thread-local
+        # capture allows it
+        assert capture_error_mode == "thread_local"
         self.captures.append(graph)
         yield
 

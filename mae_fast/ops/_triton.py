@@ -16,16 +16,17 @@ import torch
 from .paths import dispatching
 
 _observers: list = []  # (callback, run): run False records the launch without running it
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = {torch.Tensor, torch.nn.Parameter, int, float, bool, str, type(None)}  # types a real launch passes
 
 
 def _traced(args, kwargs) -> bool:
     """Whether this launch is part of a trace: a tracer is on, or an argument is a tensor subclass (fake,
-    functional or proxy tensors stand for real ones there)."""
+    functional or proxy tensors stand for real ones there). Type tests only: this runs on every launch."""
     if dispatching():
         return True
     for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
+        t = type(a)
+        if t not in _PLAIN and issubclass(t, torch.Tensor):
             return True
     return False
 
@@ -36,10 +37,11 @@ class _Launch:
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            for observe, _ in _observers:
-                observe(self.fn, grid, args, kwargs)
-            if _observers and not all(execute for _, execute in _observers):
-                return
+            if _observers:
+                for observe, _ in _observers:
+                    observe(self.fn, grid, args, kwargs)
+                if not all(execute for _, execute in _observers):
+                    return
             if _traced(args, kwargs):
                 torch.library.wrap_triton(self.fn)[grid](*args, **kwargs)
             else:
