@@ -18,11 +18,13 @@ from .attn_backends import (BACKENDS, attention, attn_autotune_results, attn_bac
 from .block import Block, DropPath, LayerScale
 from .mlp import Mlp
 from .patch_embed import PatchEmbed
-from .policy import fused_blocks_enabled, set_fused_blocks, unfused_reason
+from .policy import (clear_fused_choices, fused_blocks_enabled, fused_choices, fused_ops_mode, set_fused_blocks,
+                     set_fused_ops, unfused_reason)
 
 __all__ = [
     "Attention", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed",
     "BACKENDS", "attention", "attn_backend", "auto_backend", "get_attn_backend", "set_attn_backend",
     "attn_autotune_results", "clear_attn_autotune", "set_attn_autotune",
     "fused_blocks_enabled", "set_fused_blocks", "unfused_reason",
+    "fused_choices", "clear_fused_choices", "fused_ops_mode", "set_fused_ops",
 ]

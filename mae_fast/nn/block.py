@@ -13,7 +13,7 @@ from ._common import DEFAULT_NORM, check_tokens, class_key, factory
 from .attention import TIMM_ATTENTION, Attention
 from .fused import fused_forward
 from .mlp import TIMM_MLP, Mlp
-from .policy import unfused_reason
+from .policy import block_reason
 
 
 class LayerScale(nn.Module):
@@ -108,7 +108,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                  is_causal: bool = False) -> torch.Tensor:
         check_tokens(x, self.attn.qkv.in_features)
-        if attn_mask is None and not is_causal and unfused_reason(self, x) is None:
+        if attn_mask is None and not is_causal and block_reason(self, x) is None:
             return fused_forward(self, x)  # the same block through mae_fast's fused ops (mae_fast.nn.fused)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

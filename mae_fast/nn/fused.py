@@ -10,7 +10,8 @@
 
 Under autocast the residual stream (x, s, out) stays in its own dtype (fp32 for an fp32 model) and only
 the GEMMs and their inputs are in the autocast dtype, as in the reference; LayerNorm statistics are fp32.
-Which blocks run here is decided in :mod:`mae_fast.nn.policy` (:func:`~mae_fast.nn.policy.unfused_reason`).
+Which blocks run here, and for each op whether the fused op or its stock counterpart runs (measured on the
+GPU, per shape), is decided in :mod:`mae_fast.nn.policy`.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import ops
-from .policy import gemm_dtype, is_layer_norm, unfused_reason
+from .policy import block_reason, gemm_dtype, is_layer_norm, run
 
 
 def _after_norm1(block, y1: torch.Tensor, x: torch.Tensor, dtype: torch.dtype):
@@ -28,22 +28,22 @@ def _after_norm1(block, y1: torch.Tensor, x: torch.Tensor, dtype: torch.dtype):
     s + m + mlp.fc2.bias (left to the caller, to fuse with what comes next)."""
     n2, attn, mlp = block.norm2, block.attn, block.mlp
     drop = attn.attn_drop.p if block.training and isinstance(attn.attn_drop, nn.Dropout) else 0.0
-    o = ops.self_attention(y1, attn.qkv.weight, attn.qkv.bias, attn.num_heads, scale=attn.scale,
-                           dropout_p=drop, backend=getattr(attn, "attn_backend", None))  # [B, N, C]
-    p = ops.linear(o, attn.proj.weight)  # [B, N, C], its bias goes into the next op
-    y2, s = ops.add_layer_norm(x, n2.weight, n2.bias, n2.eps, branch=p, branch_bias=attn.proj.bias,
-                               out_dtype=dtype)
-    a = ops.bias_gelu(ops.linear(y2, mlp.fc1.weight), mlp.fc1.bias, mlp.act.approximate)  # [B, N, hidden]
-    return s, ops.linear(a, mlp.fc2.weight)  # [B, N, C] each
+    o = run("self_attention", y1, attn.qkv.weight, attn.qkv.bias, attn.num_heads, attn.scale, drop,
+            getattr(attn, "attn_backend", None), owner=block)  # [B, N, C]
+    p = run("linear", o, attn.proj.weight, None, owner=block)  # [B, N, C], its bias goes into the next op
+    y2, s = run("add_layer_norm", x, n2.weight, n2.bias, n2.eps, p, attn.proj.bias, dtype, owner=block)
+    h = run("linear", y2, mlp.fc1.weight, None, owner=block)  # [B, N, hidden]
+    a = run("bias_gelu", h, mlp.fc1.bias, mlp.act.approximate, owner=block)
+    return s, run("linear", a, mlp.fc2.weight, None, owner=block)  # [B, N, C] each
 
 
 def fused_forward(block, x: torch.Tensor) -> torch.Tensor:
-    """The block on x [B, N, C] through the fused ops (``unfused_reason(block, x)`` must be None)."""
+    """The block on x [B, N, C] through the fused ops (``block_reason(block, x)`` must be None)."""
     dtype = gemm_dtype(x)
     n1 = block.norm1
-    y1, x = ops.add_layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=dtype)  # [B, N, C]
+    y1, x = run("add_layer_norm", x, n1.weight, n1.bias, n1.eps, None, None, dtype, owner=block)  # [B, N, C]
     s, m = _after_norm1(block, y1, x, dtype)
-    return ops.residual_add(s, m, block.mlp.fc2.bias)  # [B, N, C] in s's dtype
+    return run("residual_add", s, m, block.mlp.fc2.bias, owner=block)  # [B, N, C] in s's dtype
 
 
 def run_blocks(blocks, x: torch.Tensor, norm: Optional[nn.Module] = None,
@@ -53,30 +53,28 @@ def run_blocks(blocks, x: torch.Tensor, norm: Optional[nn.Module] = None,
     Blocks that cannot run fused run as they are, in order."""
     pending = None  # (s, m, bias): the output s + m + bias of the previous fused block, not yet added
     for block in blocks:
-        if unfused_reason(block, x if pending is None else pending[0]) is not None:
+        if block_reason(block, x if pending is None else pending[0]) is not None:
             if pending is not None:
-                x, pending = ops.residual_add(*pending), None
+                x, pending = run("residual_add", *pending), None
             x = block(x)
             continue
         n1 = block.norm1
         base = pending[0] if pending is not None else x
         dtype = gemm_dtype(base)
         if pending is None:
-            y1, x = ops.add_layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=dtype)
+            y1, x = run("add_layer_norm", x, n1.weight, n1.bias, n1.eps, None, None, dtype, owner=block)
         else:
             s, m, bias = pending
-            y1, x = ops.add_layer_norm(s, n1.weight, n1.bias, n1.eps, branch=m, branch_bias=bias,
-                                       out_dtype=dtype)
+            y1, x = run("add_layer_norm", s, n1.weight, n1.bias, n1.eps, m, bias, dtype, owner=block)
         s, m = _after_norm1(block, y1, x, dtype)
         pending = (s, m, block.mlp.fc2.bias)
     if pending is not None:
         if norm is not None and is_layer_norm(norm):
             s, m, bias = pending
-            return ops.add_layer_norm(s, norm.weight, norm.bias, norm.eps, branch=m, branch_bias=bias,
-                                      out_dtype=norm_dtype)[0]
-        x = ops.residual_add(*pending)
+            return run("add_layer_norm", s, norm.weight, norm.bias, norm.eps, m, bias, norm_dtype)[0]
+        x = run("residual_add", *pending)
     if norm is None:
         return x
     if is_layer_norm(norm):
-        return ops.add_layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=norm_dtype)[0]
+        return run("add_layer_norm", x, norm.weight, norm.bias, norm.eps, None, None, norm_dtype)[0]
     return norm(x)
