@@ -118,7 +118,7 @@ def _int_list(name: str):
 
 
 def _variant_list(s: str) -> List[str]:
-    from .bench import ALL_VARIANTS
+    from .variants import ALL_VARIANTS
 
     out = [v.strip() for v in s.split(",") if v.strip()]
     bad = [v for v in out if v not in ALL_VARIANTS]
@@ -127,22 +127,39 @@ def _variant_list(s: str) -> List[str]:
     return out
 
 
-def _threads_arg(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, table: dict, batch_help: str) -> None:
+    """--model, --batch-size and --img-size: every command's."""
+    p.add_argument("--model", help="factory name (mae_fast.configs.NAMES), e.g. mae_vit_large_patch16 (default: "
+                   f"{defaults.per_device(table, 'model')})")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"),
+                   help=f"{batch_help} (default: {defaults.per_device(table, 'batch_size')})")
+    p.add_argument("--img-size", type=_positive_int("--img-size"), help="image side in pixels (default: the model's)")
+
+
+def _ratio_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="fraction of patches removed")
+
+
+def _device_args(p: argparse.ArgumentParser, dtypes=("auto", "fp32", "bf16", "fp16")) -> None:
+    """--dtype, --device and --threads: every command's."""
+    p.add_argument("--dtype", choices=list(dtypes), default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=_positive_int("--threads"),
                    help="CPU threads torch uses (default: torch's, one per physical core)")
 
 
+def _progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _common_args(p: argparse.ArgumentParser, ratio: bool = True, patch: bool = True, table: dict = defaults.BENCH,
                  warmup: Optional[str] = None) -> None:
-    p.add_argument("--model", help="factory name from mae_fast.reference, e.g. mae_vit_large_patch16 (default: "
-                   f"{defaults.per_device(table, 'model')})")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"),
-                   help=f"per device (default: {defaults.per_device(table, 'batch_size')})")
+    """The flags bench, sweep and profile share."""
+    _model_args(p, table, "per device")
     p.add_argument("--warmup", type=_positive_int("--warmup"),
                    help=f"untimed warm-up steps (default: {warmup or defaults.per_device(table, 'warmup')})")
     if ratio:
-        p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="fraction of patches removed")
-    p.add_argument("--img-size", type=_positive_int("--img-size"), help="image side in pixels (default: the model's)")
+        _ratio_arg(p)
     if patch:
         p.add_argument("--patch-size", type=_positive_int("--patch-size"), help="default: the model's")
     p.add_argument("--num-frames", type=_positive_int("--num-frames"), metavar="T",
@@ -152,11 +169,9 @@ def _common_args(p: argparse.ArgumentParser, ratio: bool = True, patch: bool = T
                    help="video: frames per tubelet, dividing --num-frames (default 2 with --num-frames > 1, else 1)")
     p.add_argument("--tube", action="store_true",
                    help="video: tube masking (one spatial mask per clip, repeated over the T/U tubelet slots)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
-    _threads_arg(p)
+    _device_args(p)
     p.add_argument("--json", metavar="PATH", help="write the results document (JSON) here")
+    _progress_arg(p)
 
 
 def add_pretrain_parser(sub) -> None:
@@ -176,17 +191,14 @@ def add_pretrain_parser(sub) -> None:
     src.add_argument("--sample", action="store_true",
                      help="train on the photographs shipped with scikit-image instead (nothing is downloaded)")
     p.add_argument("--output-dir", default="output_dir", metavar="DIR", help="where checkpoints, pictures and the log go")
-    p.add_argument("--model", help=f"factory name, e.g. mae_vit_large_patch16 (default: {defaults.per_device(t, 'model')})")
-    p.add_argument("--img-size", type=_positive_int("--img-size"), help="image side in pixels (default: the model's)")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"),
-                   help=f"images per step (default: {defaults.per_device(t, 'batch_size')})")
+    _model_args(p, t, "images per step")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_positive_int("--steps"),
                    help=f"training steps in all (default: {defaults.per_device(t, 'steps')})")
     g.add_argument("--epochs", type=_positive_float("--epochs"), help="instead of --steps: passes over the images")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"),
                    help="linear lr warm-up (default: 5%% of the steps, as the official 40 of 800 epochs)")
-    p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="fraction of patches removed")
+    _ratio_arg(p)
     p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
                    help="plain pixel loss (default: the normalized-pixel loss)")
     p.add_argument("--blr", type=_positive_float("--blr"), default=1.5e-4, help="base lr: lr = blr x batch / 256")
@@ -196,10 +208,7 @@ def add_pretrain_parser(sub) -> None:
                    help="AdamW weight decay (none on biases and norms)")
     p.add_argument("--grad-clip", type=_positive_float("--grad-clip"),
                    help="clip the gradient norm to this (default: no clipping, as the official recipe)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
-    _threads_arg(p)
+    _device_args(p, dtypes=("auto", "fp32", "bf16"))
     p.add_argument("--workers", type=_nonneg_int("--workers"),
                    help="data loading processes (default: half the cores less one, at most 8; 0 loads in the "
                    "training process)")
@@ -215,7 +224,7 @@ def add_pretrain_parser(sub) -> None:
                    help="images in each reconstruction picture")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run: from CHECKPOINT, or without a value from --output-dir/checkpoint.pth")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _progress_arg(p)
     p.set_defaults(func=run_pretrain)
 
 
@@ -256,7 +265,6 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
     p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
                    help="peak TFLOP/s for MFU (default: a large matmul measured in the same run)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_bench)
 
 
@@ -289,7 +297,6 @@ def add_sweep_parser(sub) -> None:
                    help="image side the linear theory runs on (same patch grid; default 32)")
     p.add_argument("--theory-rank", type=_positive_int("--theory-rank"), default=32,
                    help="number of features of the linear MAE (default 32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_sweep)
 
 
@@ -306,7 +313,6 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--trace", metavar="DIR", help="write Chrome traces (trace_<variant>.json.gz, gzipped JSON: chrome://tracing and "
                    "ui.perfetto.dev open it) into DIR")
     p.add_argument("--top", type=_positive_int("--top"), default=15, help="top ops listed per variant")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_profile)
 
 
@@ -321,32 +327,9 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _check_common(cmd: str, args: argparse.Namespace) -> None:
-    import torch
-
-    from .. import reference
-
-    if args.model is not None and args.model not in reference.MODELS:
-        _fail(cmd, f"--model {args.model!r} is unknown; choose one of {sorted(reference.MODELS)}")
-    if args.device != "auto":
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError:
-            _fail(cmd, f"--device {args.device!r} is not a device")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            _fail(cmd, "--device cuda asked for, but CUDA is not available")
-        if dev.type not in ("cuda", "cpu"):
-            _fail(cmd, f"--device {args.device!r}: only cpu and cuda are supported")
-    is_cpu = (args.device == "auto" and not torch.cuda.is_available()) or args.device.startswith("cpu")
-    if is_cpu and args.dtype == "fp16":
-        _fail(cmd, "--dtype fp16 is for CUDA; use fp32 or bf16 on a CPU")
-    _threads(args)
-
-
 def _video(cmd: str, args: argparse.Namespace) -> dict:
-    """num_frames, t_patch_size, tube_masking from the flags (defaults applied), or a clear error."""
-    from .bench import check_video
-
+    """num_frames, t_patch_size, tube_masking from the flags, with the video default --t-patch-size 2 (the
+    tool's check_config checks the result; a default that does not divide --num-frames is said here)."""
     T, u, tube = args.num_frames, args.t_patch_size, bool(args.tube)
     if T is None:
         if u is not None and u != 1:
@@ -354,37 +337,12 @@ def _video(cmd: str, args: argparse.Namespace) -> dict:
         if tube:
             _fail(cmd, "--tube (tube masking) needs a video model: give --num-frames > 1")
         return {"num_frames": 1, "t_patch_size": 1, "tube_masking": False}
-    default_u = u is None
-    if default_u:
+    if u is None:
         u = 2 if T > 1 else 1
-    try:
-        check_video(T, u, tube)
-    except ValueError as e:
-        _fail(cmd, str(e) + (" (the default for video; give --t-patch-size)" if default_u and T % u else ""))
+        if T % u:
+            _fail(cmd, f"--num-frames {T} is not a multiple of --t-patch-size {u} (the default for video; give "
+                       "--t-patch-size)")
     return {"num_frames": T, "t_patch_size": u, "tube_masking": tube}
-
-
-def _check_sizes(cmd: str, model: str, img_size, patch_size, mask_ratio: Optional[float] = None, **video) -> None:
-    from . import flops
-
-    try:
-        dims = flops.dims_of_config(model, img_size, patch_size, **video)
-    except ValueError as e:
-        _fail(cmd, f"--img-size/--patch-size: {e}")
-    if mask_ratio is not None:
-        msg = no_patch_kept(dims, mask_ratio)
-        if msg:
-            _fail(cmd, f"--mask-ratio {mask_ratio:g} {msg}")
-
-
-def no_patch_kept(dims, mask_ratio: float) -> Optional[str]:
-    """Why ``mask_ratio`` leaves the MAE no visible patch (None when it keeps at least one)."""
-    if dims.num_kept(mask_ratio) >= 1:
-        return None
-    n = dims.spatial_patches if dims.tube_masking else dims.num_patches
-    best = next((r / 100 for r in range(99, -1, -1) if dims.num_kept(r / 100) >= 1), 0.0)
-    return (f"keeps no patch: K = int({n} x (1 - {mask_ratio:g})) = 0 of {n}"
-            f"{' spatial' if dims.tube_masking else ''} patches; {best:g} or less keeps at least one")
 
 
 def _bench_config(args: argparse.Namespace, video: dict):
@@ -415,30 +373,30 @@ def _emit(doc: dict, text: str, args: argparse.Namespace, rank0: bool = True) ->
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench, distributed, report, variants
 
-    _check_common("bench", args)
-    video = _video("bench", args)
-    cfg = _bench_config(args, video)
-    _check_sizes("bench", cfg.model, cfg.img_size, cfg.patch_size, cfg.mask_ratio, **video)
-    if cfg.variants and cfg.compile is not None:
-        _fail("bench", "give either --variants or --compile/--no-compile, not both")
+    _threads(args)
     try:
+        cfg = _bench_config(args, _video("bench", args))
+        bench.check_config(cfg)
         doc = bench.run(cfg, argv=getattr(args, "argv", None), progress=not args.no_progress)
-    except bench.VariantUnavailable as e:
+    except (ValueError, variants.VariantUnavailable) as e:
         _fail("bench", str(e))
-    _emit(doc, bench.format_results(doc), args, bench._rank() == 0)
-    bench.finish_distributed()  # under torchrun: wait for rank 0's files, then tear down together
+    _emit(doc, report.format_results(doc), args, distributed.rank() == 0)
+    distributed.finish()  # under torchrun: wait for rank 0's files, then tear down together
     return 0
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from . import bench, sweep
+    from . import sweep, variants
 
-    _check_common("sweep", args)
+    _threads(args)
     video = _video("sweep", args)
-    cfg = sweep.default_config(args.device, model=args.model, batch_size=args.batch_size, steps=args.steps,
+    try:
+        cfg = sweep.default_config(args.device, model=args.model, batch_size=args.batch_size, steps=args.steps,
                                warmup=args.warmup, patch_sizes=args.patch_sizes, **video)
+    except ValueError as e:
+        _fail("sweep", str(e))
     cfg.img_size = args.img_size
     cfg.dtype = args.dtype
     cfg.variants = args.variants
@@ -461,7 +419,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     try:
         sweep.check_config(cfg)
         doc = sweep.run(cfg, argv=getattr(args, "argv", None), progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, ImportError, bench.VariantUnavailable) as e:
+    except (ValueError, FileNotFoundError, ImportError, variants.VariantUnavailable) as e:
         _fail("sweep", str(e))
     _emit(doc, sweep.format_results(doc), args)
     if args.plot:
@@ -471,21 +429,20 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from . import bench, profile
+    from . import bench, profile, variants
 
-    _check_common("profile", args)
-    video = _video("profile", args)
-    cfg = _bench_config(args, video)
-    cfg.steps = 1
-    if cfg.warmup is None:
-        cfg.warmup = defaults.PROFILE_WARMUP
-    if not cfg.variants:
-        cfg.compile = False
-    _check_sizes("profile", cfg.model, cfg.img_size, cfg.patch_size, cfg.mask_ratio, **video)
+    _threads(args)
     try:
+        cfg = _bench_config(args, _video("profile", args))
+        cfg.steps = 1
+        if cfg.warmup is None:
+            cfg.warmup = defaults.PROFILE_WARMUP
+        if not cfg.variants:
+            cfg.compile = False
+        bench.check_config(cfg)
         doc = profile.run(cfg, trace_dir=args.trace, argv=getattr(args, "argv", None), top=args.top,
                           progress=not args.no_progress)
-    except bench.VariantUnavailable as e:
+    except (ValueError, variants.VariantUnavailable) as e:
         _fail("profile", str(e))
     _emit(doc, profile.format_results(doc), args)
     return 0

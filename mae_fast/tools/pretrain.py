@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from . import defaults
+from . import checks, defaults
 from .progress import bar as progress_bar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,12 +78,11 @@ class PretrainConfig:
     resume: Optional[str] = None  # a checkpoint to continue from
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return checks.device(self.device)
 
     def resolve(self, num_images: int) -> "PretrainConfig":
-        """A copy with every default filled in (device-dependent sizes, steps from epochs, lr, warm-up)."""
+        """A copy with every default filled in (device-dependent sizes, steps from epochs, lr, warm-up); ValueError
+        naming the flag when the sizes make no model that keeps a patch."""
         kind = "cuda" if self.resolved_device().type == "cuda" else "cpu"
         table = defaults.PRETRAIN[kind]
         out = PretrainConfig(**asdict(self))
@@ -109,6 +108,9 @@ class PretrainConfig:
             out.dtype = "bf16" if kind == "cuda" else "fp32"
         if out.workers is None:
             out.workers = min(8, max(0, (os.cpu_count() or 1) // 2 - 1))
+        checks.sizes(out.model, out.img_size, None, out.mask_ratio)
+        if out.warmup_steps > out.steps:
+            raise ValueError(f"--warmup-steps {out.warmup_steps} is more than --steps {out.steps}")
         return out
 
 
@@ -380,11 +382,12 @@ def save_reconstructions(path, model, imgs: torch.Tensor, mask_ratio: float, ste
 
 # ------------------------------------------------------------------------------------------- the run
 def check_config(cfg: PretrainConfig) -> None:
-    """ValueError naming the flag for settings that cannot run (before anything is loaded)."""
-    from ..configs import NAMES
-
-    if cfg.model is not None and cfg.model not in NAMES:
-        raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {sorted(NAMES)}")
+    """ValueError naming the flag for settings that cannot run (before anything is loaded; the sizes, which
+    need the model's defaults, are checked by :meth:`PretrainConfig.resolve`)."""
+    checks.model(cfg.model)
+    if cfg.mask_ratio == 0.0:
+        raise ValueError("--mask-ratio 0 removes no patch, and the MAE loss is computed on the removed patches: "
+                         "pretraining needs a ratio in (0, 1) (bench and sweep time ratio 0 as the unmasked step)")
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
     for flag, v in (("--lr", cfg.lr), ("--blr", cfg.blr), ("--epochs", cfg.epochs), ("--grad-clip", cfg.grad_clip)):
@@ -398,25 +401,7 @@ def check_config(cfg: PretrainConfig) -> None:
         raise ValueError("give either --steps or --epochs, not both")
     if cfg.dtype == "fp16":
         raise ValueError("--dtype fp16 needs loss scaling, which TrainStep does not do; use bf16")
-    dev = cfg.resolved_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {cfg.device!r}: only cpu and cuda are supported")
-
-
-def _check_sizes(cfg: PretrainConfig) -> None:
-    from .flops import dims_of_config
-
-    try:
-        dims = dims_of_config(cfg.model, cfg.img_size)
-    except ValueError as e:
-        raise ValueError(f"--img-size {cfg.img_size}: {e}") from None
-    if dims.num_kept(cfg.mask_ratio) < 1:
-        raise ValueError(f"--mask-ratio {cfg.mask_ratio:g} keeps no patch of {dims.num_patches} "
-                         f"(int(L (1 - ratio)) = 0)")
-    if cfg.warmup_steps > cfg.steps:
-        raise ValueError(f"--warmup-steps {cfg.warmup_steps} is more than --steps {cfg.steps}")
+    checks.device(cfg.device)
 
 
 def _plural(n: int, word: str) -> str:
@@ -436,7 +421,6 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
     check_config(cfg)
     paths = sample_images() if cfg.images is None else find_images(cfg.images)
     cfg = cfg.resolve(len(paths))
-    _check_sizes(cfg)
     device = torch.device(cfg.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

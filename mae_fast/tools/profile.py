@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from . import bench, report
+from . import bench, report, runner, variants
 from .progress import bar as progress_bar
 
 CATEGORIES = ["masking", "gather", "patch_embed", "attention", "gemm", "norm", "unshuffle", "loss", "optimizer", "other"]
@@ -56,7 +56,7 @@ class _Scopes:
         self.open: Dict[str, object] = {}
         m = getattr(model, "_orig_mod", model)
         m = getattr(m, "module", m)
-        m = getattr(m, "model", m)  # bench.AllPatchLoss
+        m = getattr(m, "model", m)  # variants.AllPatchLoss
         if hasattr(m, "patch_embed"):
             self._module_range(m.patch_embed, "patch_embed")
         if hasattr(m, "decoder_embed") and hasattr(m, "decoder_blocks") and len(m.decoder_blocks):
@@ -175,17 +175,17 @@ def profile_variant(name: str, cfg: bench.BenchConfig, trace_path: Optional[str]
     bar to advance by one per step)."""
     device = cfg.resolved_device()
     dims = cfg.dims()
-    imgs = bench._images(cfg, dims, device, 0)  # images, or clips [N, C, T, H, W] for video
-    runner = bench._Runner(name, cfg, device, imgs, distributed=False)
-    runner.warm_up(cfg.warmup, bar)  # a +graph variant: until captured, so that the profiled step is a replay
+    imgs = runner.images(cfg, dims, device, 0)  # images, or clips [N, C, T, H, W] for video
+    r = runner.Runner(name, cfg, device, imgs, distributed=False)
+    r.warm_up(cfg.warmup, bar)  # a +graph variant: until captured, so that the profiled step is a replay
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    scopes = _Scopes(runner.model)
+    scopes = _Scopes(r.model)
     try:
         with profile(activities=activities) as prof:
-            runner.step()
+            r.step()
             if cuda:
                 torch.cuda.synchronize(device)
     finally:
@@ -237,7 +237,7 @@ def _export_trace(prof, path: str) -> None:
 def run(cfg: bench.BenchConfig, trace_dir: Optional[str] = None, argv: Optional[List[str]] = None,
         top: int = 15, progress: bool = True) -> dict:
     bench.check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
-    names, skipped = bench.resolve_variants(cfg)
+    names, skipped = variants.resolve_variants(cfg)
     results = []
     with progress_bar(len(names) * (cfg.warmup + 1), "profile", enabled=progress) as bar:
         for name in names:
@@ -264,8 +264,8 @@ def run(cfg: bench.BenchConfig, trace_dir: Optional[str] = None, argv: Optional[
 def format_results(doc: dict) -> str:
     res = doc["results"]
     c = doc["config"]
-    lines = [f"profile: {c['model']}  {bench.describe_input(c)}  {bench.batch_words(c)}  mask ratio "
-             f"{c['mask_ratio']}  {c['dtype']}  {bench.on_words(doc)}  (one step; {res[0]['time_kind'] if res else ''} time)"]
+    lines = [f"profile: {c['model']}  {report.describe_input(c)}  {report.batch_words(c)}  mask ratio "
+             f"{c['mask_ratio']}  {c['dtype']}  {report.on_words(doc)}  (one step; {res[0]['time_kind'] if res else ''} time)"]
     rows = []
     for cat in CATEGORIES + ["total"]:
         row = {"category": cat}

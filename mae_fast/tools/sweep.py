@@ -6,7 +6,7 @@ peak memory, FLOPs per image, MFU, and two speedups:
 
 - ``speedup_vs_ratio0``: over the *reference* at mask ratio 0 with the same patch size, i.e. over an
   unmasked training step (no tokens removed; the loss is then the mean over all patches, since the
-  official masked mean divides by zero: see ``bench.AllPatchLoss``). This is what masking buys.
+  official masked mean divides by zero: see ``variants.AllPatchLoss``). This is what masking buys.
 - ``speedup_vs_reference``: over the reference at the same point. This is what mae_fast buys.
 
 ``ideal_encoder_speedup`` = 1 / (1 - ratio) is the encoder-only bound for comparison (the decoder
@@ -30,7 +30,7 @@ from typing import List, Optional
 
 import torch
 
-from . import bench, defaults, flops, report
+from . import bench, checks, defaults, flops, report, variants
 from .progress import bar as progress_bar
 
 DEFAULT_RATIOS = defaults.SWEEP_RATIOS
@@ -63,7 +63,7 @@ class SweepConfig:
 
 def default_config(device: Optional[str] = None, **overrides) -> SweepConfig:
     dev = device or "auto"
-    is_cuda = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else torch.device(dev)).type == "cuda"
+    is_cuda = checks.device(dev).type == "cuda"
     base = dict(GPU_DEFAULT if is_cuda else CPU_DEFAULT)
     base["patch_sizes"] = list(base["patch_sizes"])
     extra = {}
@@ -79,6 +79,8 @@ def default_config(device: Optional[str] = None, **overrides) -> SweepConfig:
 
 def check_config(cfg: SweepConfig) -> int:
     """Validate; returns the image size. ValueError names the bad setting."""
+    checks.model(cfg.model)
+    checks.device_and_dtype(cfg.device, cfg.dtype if cfg.dtype != "auto" else "fp32")
     bench.check_video(cfg.num_frames, cfg.t_patch_size, cfg.tube_masking)
     if cfg.theory and _video(cfg):
         raise ValueError("--theory: the linear-MAE theory is for image models; it does not apply with --num-frames")
@@ -103,12 +105,12 @@ def _video(cfg: SweepConfig) -> bool:
 def _variants(cfg: SweepConfig) -> tuple:
     if cfg.variants:
         probe = bench.BenchConfig(model=cfg.model, batch_size=1, steps=1, warmup=1, variants=cfg.variants)
-        return bench.resolve_variants(probe)
-    if bench.fast_available():
+        return variants.resolve_variants(probe)
+    if variants.fast_available():
         return ["reference", "mae_fast"], {}
     try:
-        bench.fast_models_module()
-    except bench.VariantUnavailable as e:
+        variants.fast_models_module()
+    except variants.VariantUnavailable as e:
         return ["reference"], {"mae_fast": str(e)}
     return ["reference", "mae_fast"], {}  # pragma: no cover
 
@@ -119,11 +121,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _point(cfg: SweepConfig, img: int, p: int, r: float, variants: List[str], peak, argv) -> List[dict]:
+def _point(cfg: SweepConfig, img: int, p: int, r: float, names: List[str], peak, argv) -> List[dict]:
     """One (ratio, patch) point: all variants interleaved; a variant that fails gets an error row."""
     bc = bench.BenchConfig(model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps, warmup=cfg.warmup,
                                mask_ratio=r, img_size=img, patch_size=p, dtype=cfg.dtype, device=cfg.device,
-                               seed=cfg.seed, variants=variants, compile=None, num_frames=cfg.num_frames,
+                               seed=cfg.seed, variants=names, compile=None, num_frames=cfg.num_frames,
                                t_patch_size=cfg.t_patch_size, tube_masking=cfg.tube_masking)
     try:
         return bench.run(bc, argv=argv, progress=False, peak=peak)["results"]
@@ -131,7 +133,7 @@ def _point(cfg: SweepConfig, img: int, p: int, r: float, variants: List[str], pe
         pass
     _free(bc.resolved_device())  # after the except block: the traceback (and its tensors) is gone
     rows = []
-    for v in variants:
+    for v in names:
         bc.variants = [v]
         try:
             (row,) = bench.run(bc, argv=argv, progress=False, peak=peak)["results"]
@@ -144,7 +146,7 @@ def _point(cfg: SweepConfig, img: int, p: int, r: float, variants: List[str], pe
 
 def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = True) -> dict:
     img = check_config(cfg)
-    variants, skipped = _variants(cfg)
+    names, skipped = _variants(cfg)
     device = bench.BenchConfig(model=cfg.model, batch_size=1, steps=1, warmup=1, device=cfg.device).resolved_device()
     probe = bench.BenchConfig(model=cfg.model, batch_size=1, steps=1, warmup=1, dtype=cfg.dtype, device=cfg.device,
                                   peak_tflops=cfg.peak_tflops)
@@ -172,7 +174,7 @@ def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = Tru
     with progress_bar(len(points), "sweep", enabled=progress, unit="point") as bar:
         for p, r in points:
             bar.set_description(f"sweep, p={p} ratio={r:g}")
-            for row in _point(cfg, img, p, r, variants, peak, argv):
+            for row in _point(cfg, img, p, r, names, peak, argv):
                 rows.append(dict(row, patch_size=p, mask_ratio=r, ideal_encoder_speedup=1.0 / (1.0 - r)))
             _free(device)
             bar.update(1)
@@ -196,7 +198,7 @@ def run(cfg: SweepConfig, argv: Optional[List[str]] = None, progress: bool = Tru
                 if t["flag"]:  # the theory does not apply here (e.g. the MAE keeps no patch): no prediction
                     x["predicted_flag"] = t["flag"]
     doc = report.provenance(argv, device)
-    doc["config"] = dict(asdict(cfg), img_size=img, mask_ratios=ratios, patch_sizes=patches, variants=variants,
+    doc["config"] = dict(asdict(cfg), img_size=img, mask_ratios=ratios, patch_sizes=patches, variants=names,
                          device=str(device), video=_video(cfg),
                          dtype=bench.BenchConfig(model=cfg.model, batch_size=1, steps=1, warmup=1, dtype=cfg.dtype,
                                                      device=cfg.device).resolved_dtype())
@@ -227,7 +229,7 @@ TABLE_COLUMNS = ["patch_size", "mask_ratio", "variant", "images_per_s", "step_ms
 
 def _describe(c: dict) -> str:
     """'64px' for images; '4 frames x 64px, tubelet 2 frames x p x p, tube masking' for video (p varies)."""
-    if not bench.is_video(c):
+    if not report.is_video(c):
         return f"{c['img_size']}px"
     return (f"{c['num_frames']} frames x {c['img_size']}px, tubelet {c['t_patch_size']} frames x p x p"
             + (", tube masking" if c.get("tube_masking") else ""))
@@ -235,7 +237,7 @@ def _describe(c: dict) -> str:
 
 def format_results(doc: dict) -> str:
     rows = []
-    rate = "clips_per_s" if bench.is_video(doc["config"]) else "images_per_s"
+    rate = "clips_per_s" if report.is_video(doc["config"]) else "images_per_s"
     cols = [rate if c == "images_per_s" else c for c in TABLE_COLUMNS]
     if "theory" in doc:  # the linear MAE's scale: on every weight, and on the directions the data carries
         cols += ["predicted_mean_distance_px", "predicted_data_mean_distance_px"]
@@ -253,7 +255,7 @@ def format_results(doc: dict) -> str:
                             for k in ("predicted_mean_distance_px", "predicted_data_mean_distance_px")},
                          speedup_vs_reference="-" if x["speedup_vs_reference"] is None else x["speedup_vs_reference"]))
     c = doc["config"]
-    head = (f"sweep: {c['model']}  {_describe(c)}  {bench.batch_words(c)}  {c['dtype']}  {bench.on_words(doc)}  "
+    head = (f"sweep: {c['model']}  {_describe(c)}  {report.batch_words(c)}  {c['dtype']}  {report.on_words(doc)}  "
             f"({c['steps']} timed steps per point after {c['warmup']} warm-up, variants interleaved)")
     lines = [head, report.format_table(rows, cols), *failures]
     by_patch: dict = {}
@@ -310,7 +312,7 @@ def plot(doc: dict, path: str) -> None:
     ax.set_xlabel("mask ratio")
     ax.set_ylabel("speedup over the unmasked reference step")
     c = doc["config"]
-    ax.set_title(f"{c['model']} {_describe(c)}, {bench.batch_words(c)}, {c['dtype']}, {doc['device']}", fontsize=9)
+    ax.set_title(f"{c['model']} {_describe(c)}, {report.batch_words(c)}, {c['dtype']}, {doc['device']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     if theory:

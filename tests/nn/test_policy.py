@@ -8,8 +8,7 @@ import torch
 import mae_fast.nn as mnn
 from mae_fast import ops
 from mae_fast.configs import LAYER_NORM
-from mae_fast.nn import policy, stock
-from mae_fast.nn.fused import run_blocks
+from mae_fast.nn import policy
 from mae_fast.testing import randn, rel_err
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mae_fast.train
-from mae_fast.tools import bench, cli
+from mae_fast.tools import bench, cli, runner, variants
 
 TINY = ["--device", "cpu", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--img-size", "32", "--no-progress"]
 
@@ -35,17 +35,17 @@ def test_graph_variant_runs_train_step(tmp_path, monkeypatch, capsys):
 def test_graph_variant_defaults_and_refusals():
     cpu = bench.default_config("cpu", batch_size=2, steps=1, warmup=1)
     cpu.compile = True
-    assert bench.resolve_variants(cpu)[0] == ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
+    assert variants.resolve_variants(cpu)[0] == ["reference", "reference+compile", "mae_fast", "mae_fast+compile"]
     gpu = bench.BenchConfig(model="mae_vit_tiny_patch8", batch_size=2, steps=1, warmup=1, device="cuda")
-    assert bench.resolve_variants(gpu) == (bench.ALL_VARIANTS, {})  # the default on a GPU: all five
-    names, skipped = bench.resolve_variants(gpu, distributed=True)
-    assert bench.GRAPH not in names and "DDP" in skipped[bench.GRAPH]
+    assert variants.resolve_variants(gpu) == (variants.ALL_VARIANTS, {})  # the default on a GPU: all five
+    names, skipped = variants.resolve_variants(gpu, distributed=True)
+    assert variants.GRAPH not in names and "DDP" in skipped[variants.GRAPH]
     gpu.dtype = "fp16"
-    names, skipped = bench.resolve_variants(gpu)
-    assert bench.GRAPH not in names and "fp16" in skipped[bench.GRAPH]
+    names, skipped = variants.resolve_variants(gpu)
+    assert variants.GRAPH not in names and "fp16" in skipped[variants.GRAPH]
     gpu.variants = ["mae_fast+graph"]
-    with pytest.raises(bench.VariantUnavailable, match="fp16"):
-        bench.resolve_variants(gpu)
+    with pytest.raises(variants.VariantUnavailable, match="fp16"):
+        variants.resolve_variants(gpu)
     with pytest.raises(SystemExit, match="fp16"):
         cli.main(["bench", *TINY, "--variants", "mae_fast+graph", "--dtype", "fp16"])
 
@@ -71,7 +71,7 @@ def test_warm_up_steps_until_captured(monkeypatch):
     """Timed +graph steps must all be replays: warm-up goes on past --warmup until the capture, and records
     the allocator peak of the capturing step (what the graph's memory pool keeps)."""
     cfg = bench.default_config("cpu", batch_size=1, steps=1, warmup=1, img_size=16)
-    r = bench._Runner("mae_fast+graph", cfg, torch.device("cpu"), [torch.randn(1, 3, 16, 16)], distributed=False)
+    r = runner.Runner("mae_fast+graph", cfg, torch.device("cpu"), [torch.randn(1, 3, 16, 16)], distributed=False)
     assert isinstance(r.train_step, mae_fast.TrainStep) and not r.graphed  # CPU: eager
     r.train_step = _FakeGraphStep()
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)

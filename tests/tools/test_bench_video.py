@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_fast import reference
-from mae_fast.tools import bench, cli, flops, sweep
+from mae_fast.tools import bench, cli, flops, sweep, variants
 
 # tiny video: 16x16 frames, p = 8 (h = w = 2), T = 4 frames, tubelets of u = 2 -> L = 2 * 2 * 2 = 8 tokens
 VIDEO = dict(img_size=16, num_frames=4, t_patch_size=2)
@@ -50,7 +50,7 @@ def test_video_flops_hand_checked():
 
 def _counted(model, clips, ratio, noise=None):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
-        bench.AllPatchLoss(model)(clips, mask_ratio=ratio, noise=noise)
+        variants.AllPatchLoss(model)(clips, mask_ratio=ratio, noise=noise)
     return fc.get_total_flops() / clips.shape[0]
 
 
@@ -194,5 +194,5 @@ def test_every_variant_is_built_as_video(monkeypatch):
                                    tube_masking=True, img_size=16)
     want = cfg.dims()
     assert want.video and want.tube_masking
-    for name in bench.ALL_VARIANTS:
-        assert flops.dims_of(bench.VARIANTS[name](cfg, torch.device("cpu"))) == want, name
+    for name in variants.ALL_VARIANTS:
+        assert flops.dims_of(variants.VARIANTS[name](cfg, torch.device("cpu"))) == want, name

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mae_fast.tools import bench, cli
+from mae_fast.tools import bench, cli, report, variants
 
 
 def test_bench_tiny_cpu_json(tmp_path, capsys):
@@ -36,20 +36,20 @@ def test_bench_trains(tmp_path):
     cfg.img_size = 32
     cfg.variants = ["reference"]
     torch.manual_seed(cfg.seed)
-    before = bench.build_reference(cfg, torch.device("cpu")).state_dict()["blocks.0.attn.qkv.weight"].clone()
+    before = variants.build_reference(cfg, torch.device("cpu")).state_dict()["blocks.0.attn.qkv.weight"].clone()
     calls = []
-    orig = bench.VARIANTS["reference"]
+    orig = variants.VARIANTS["reference"]
 
     def spy(c, d):
         m = orig(c, d)
         calls.append(m)
         return m
 
-    bench.VARIANTS["reference"] = spy
+    variants.VARIANTS["reference"] = spy
     try:
         bench.run(cfg, progress=False)
     finally:
-        bench.VARIANTS["reference"] = orig
+        variants.VARIANTS["reference"] = orig
     after = calls[0].state_dict()["blocks.0.attn.qkv.weight"]
     assert not torch.equal(before, after)
 
@@ -117,7 +117,7 @@ def _check_result(r, batch):
 
 
 def test_bench_schema_and_fast_variant(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "fast_models_module", lambda: _FakeFast)
+    monkeypatch.setattr(variants, "fast_models_module", lambda: _FakeFast)
     out = tmp_path / "b.json"
     assert cli.main(["bench", *TINY, "--json", str(out), "--peak-tflops", "0.05"]) == 0
     doc = json.loads(out.read_text())
@@ -145,7 +145,7 @@ def test_bench_compile_variants_are_compiled(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(bench, "fast_models_module", lambda: _FakeFast)
+    monkeypatch.setattr(variants, "fast_models_module", lambda: _FakeFast)
     out = tmp_path / "b.json"
     assert cli.main(["bench", *TINY, "--compile", "--json", str(out), "--peak-tflops", "1"]) == 0
     doc = json.loads(out.read_text())
@@ -164,9 +164,9 @@ def test_bench_real_compile(tmp_path):
 
 def test_bench_fast_variant_missing_is_a_clear_error(monkeypatch, capsys):
     def missing():
-        raise bench.VariantUnavailable("the mae_fast variants need mae_fast.models (create_model), which does not import here")
+        raise variants.VariantUnavailable("the mae_fast variants need mae_fast.models (create_model), which does not import here")
 
-    monkeypatch.setattr(bench, "fast_models_module", missing)
+    monkeypatch.setattr(variants, "fast_models_module", missing)
     with pytest.raises(SystemExit, match="mae_fast.models"):
         cli.main(["bench", *TINY, "--variants", "mae_fast"])
     # not asked for: skipped, and the document says so (never the reference timed under another name)
@@ -177,7 +177,7 @@ def test_bench_fast_variant_missing_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_bench_real_fast_model(tmp_path):
-    assert bench.fast_available()  # mae_fast.models imports: a broken fast model fails here, never skips
+    assert variants.fast_available()  # mae_fast.models imports: a broken fast model fails here, never skips
     out = tmp_path / "b.json"
     assert cli.main(["bench", *TINY, "--variants", "reference,mae_fast", "--json", str(out), "--peak-tflops", "1"]) == 0
     ref, fast = json.loads(out.read_text())["results"]
@@ -194,7 +194,7 @@ def test_bench_ratio_zero_loss_is_defined():
     model = reference.create_model("mae_vit_tiny_patch8", img_size=16, norm_pix_loss=True)
     imgs = torch.randn(2, 3, 16, 16)
     assert torch.isnan(model(imgs, mask_ratio=0.0)[0])  # the official loss
-    wrapped = bench.AllPatchLoss(model)
+    wrapped = variants.AllPatchLoss(model)
     loss, pred, mask = wrapped(imgs, mask_ratio=0.0)
     assert mask.sum() == 0 and torch.isfinite(loss)
     expected = reference.patch_loss(imgs, pred, torch.ones_like(mask), 8, norm_pix_loss=True)
@@ -306,15 +306,15 @@ def _doc(**config):
 
 def test_notes_under_the_table(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert bench.notes(_doc()) == [] and bench.notes(dict(_doc(), load_average_1min=0.3)) == []
-    (busy,) = bench.notes(dict(_doc(), load_average_1min=2.3))
+    assert report.notes(_doc()) == [] and report.notes(dict(_doc(), load_average_1min=0.3)) == []
+    (busy,) = report.notes(dict(_doc(), load_average_1min=2.3))
     assert "load average 2.3 on 2 logical cores" in busy and "longer and noisier" in busy
-    (spin,) = bench.notes(dict(_doc(omp_wait_policy=None), load_average_1min=2.3))
+    (spin,) = report.notes(dict(_doc(omp_wait_policy=None), load_average_1min=2.3))
     assert "spun" in spin and "OMP_WAIT_POLICY=PASSIVE" in spin and "--threads 1" in spin
-    (one,) = bench.notes(dict(_doc(threads=1, omp_wait_policy=None), load_average_1min=2.3))
+    (one,) = report.notes(dict(_doc(threads=1, omp_wait_policy=None), load_average_1min=2.3))
     assert "longer and noisier" in one  # one thread cannot spin against another
-    (bf16,) = bench.notes(_doc(dtype="bf16"))
+    (bf16,) = report.notes(_doc(dtype="bf16"))
     assert "bf16 on a CPU" in bf16
     high = dict(_doc(), results=[{"mfu": 4.39}])
-    (note,) = bench.notes(high)
+    (note,) = report.notes(high)
     assert "mfu above 1" in note and "--peak-tflops" in note

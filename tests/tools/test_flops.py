@@ -5,7 +5,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_fast import reference
-from mae_fast.tools import bench, flops
+from mae_fast.tools import flops, variants
 
 
 def _counted_forward(model, imgs, ratio):
@@ -14,7 +14,7 @@ def _counted_forward(model, imgs, ratio):
         if ratio > 0:
             model(imgs, mask_ratio=ratio)
         else:
-            bench.AllPatchLoss(model)(imgs, mask_ratio=0.0)
+            variants.AllPatchLoss(model)(imgs, mask_ratio=0.0)
     return fc.get_total_flops() / imgs.shape[0]
 
 

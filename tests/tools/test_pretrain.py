@@ -192,7 +192,7 @@ def test_needs_images(capsys):
     ("empty", [], "no image files"),
     (None, ["--sample", "--mask-ratio", "0.99"], "--mask-ratio 0.99 keeps no patch"),
     (None, ["--sample", "--model", "vit_giant"], "--model 'vit_giant' is unknown"),
-    (None, ["--sample", "--img-size", "30"], "--img-size 30"),
+    (None, ["--sample", "--img-size", "30"], "--img-size/--patch-size: img_size (30, 30) is not divisible"),
     (None, ["--sample", "--resume", "/nonexistent.pth"], "--resume: no checkpoint at /nonexistent.pth"),
     ("not_a_checkpoint", ["--sample", "--resume"], "is not a `mae-fast pretrain` checkpoint"),
     ("not_a_checkpoint", ["--sample"], "checkpoint.pth exists: --resume continues that run"),

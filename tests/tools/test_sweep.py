@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from mae_fast.tools import bench, cli, sweep
+from mae_fast.tools import cli, sweep, variants
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,8 +63,8 @@ def test_sweep_failing_variant_is_recorded(tmp_path, monkeypatch, capsys):
     def broken(cfg, device):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setitem(bench.VARIANTS, "mae_fast", broken)
-    monkeypatch.setattr(bench, "fast_models_module", lambda: None)
+    monkeypatch.setitem(variants.VARIANTS, "mae_fast", broken)
+    monkeypatch.setattr(variants, "fast_models_module", lambda: None)
     out = tmp_path / "s.json"
     png = tmp_path / "s.png"
     assert cli.main(["sweep", "--device", "cpu", "--batch-size", "1", "--steps", "1", "--warmup", "1", "--img-size", "16",
