@@ -1,0 +1,171 @@
+"""Triton kernels: the two GEMMs of the MLP (fc1 -> GELU -> fc2) whose elementwise neighbours ride in their
+epilogues.
+
+fc1 forward:          z = x @ W1^T + b1, a = gelu(z)     x [M, K], W1 [N, K], b1 [N]; z, a [M, N]
+fc2 dgrad with dGELU: dh = (g @ W2) * gelu'(z)           g [M, K], W2 [K, N], z [M, N]; dh [M, N]
+                      part[i] = sum of dh over the rows of row block i (fp32 [cdiv(M, BLOCK_M), N]):
+                      the fc1 bias gradient, once the caller adds the row blocks in order
+Products accumulate in fp32; the bias is added, GELU and its derivative taken in fp32, each output rounded
+once to its tensor's dtype. The other GEMMs of the MLP (fc2 forward, both weight gradients, fc1's input
+gradient) have no epilogue to fuse and stay cuBLAS.
+
+Programs: one per BLOCK_M x BLOCK_N output tile, in groups of GROUP_M row blocks (neighbouring programs
+share operand tiles in L2). Every matrix has a unit column stride and a passed row stride. Tiles that pass
+the edge of M or N read wrapped-around rows or columns, masked at the store (and out of the bias-gradient
+sums), so the main loop has no M/N masks; K is masked unless EVEN_K. Row offsets are int64. The epilogues
+run on one half of a tile at a time.
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .bias_gelu import _gelu_and_grad
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    precision: str  # tl.dot's input_precision
+
+
+def gemm_config(dtype: torch.dtype) -> GemmConfig:
+    """The tile configuration of both kernels for operands of ``dtype``.
+
+    16-bit: 128 x 128 x 64 tiles, two warpgroups (wgmma on Hopper), 3 stages (96 KiB of shared memory).
+    fp32: a 32-wide K step keeps the same shared memory; products are IEEE fp32 as torch's matmul unless
+    torch allows TF32 (``torch.get_float32_matmul_precision() != "highest"``), as cuBLAS would use then.
+    """
+    if dtype in (torch.bfloat16, torch.float16):
+        return GemmConfig(128, 128, 64, 8, 8, 3, "ieee")  # precision: fp32 operands only
+    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return GemmConfig(128, 64, 32, 8, 8, 3, precision)
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program: column-major within groups of GROUP_M row blocks."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _product(a_ptr, b_ptr, M, N, K, sa_m, sa_k, sb_k, sb_n, pid_m, pid_n, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+             WIDEN: tl.constexpr):
+    """The fp32 tile sum_k A[m, k] B[k, n] of output tile (pid_m, pid_n); A and B addressed by strides.
+    Rows past M and columns past N wrap around (valid addresses; the caller masks them). WIDEN: operands
+    go to fp32 before tl.dot (for Triton's interpreter, whose tl.dot multiplies the raw bits of bf16
+    values; bf16 products are exact in fp32, so the result is the tensor cores' up to summation order)."""
+    rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * sa_m + rk[None, :] * sa_k
+    b_ptrs = b_ptr + rk[:, None] * sb_k + rn[None, :] * sb_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if WIDEN:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * sa_k
+        b_ptrs += BLOCK_K * sb_k
+    return acc
+
+
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(t[:, :BLOCK_N // 2], t[:, BLOCK_N // 2:]): the epilogues run on one half of a tile at a time, which
+    halves the registers their temporaries take (no spills at 128 x 128 tiles)."""
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def mlp_fc1_kernel(
+    x_ptr, w_ptr, b_ptr, z_ptr, a_ptr, M, N, K, sx_m, sw_n,
+    HAS_BIAS: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """z = x @ W1^T + b1 and a = gelu(z), both [M, N] contiguous; x [M, K] and W1 [N, K] have unit
+    column strides."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    z = _product(x_ptr, w_ptr, M, N, K, sx_m, 1, 1, sw_n, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                 PRECISION, WIDEN)
+    left, right = _halves(z, BLOCK_M, BLOCK_N)
+    first_col = pid_n * BLOCK_N
+    _fc1_epilogue(left, b_ptr, z_ptr, a_ptr, pid_m, first_col, M, N, HAS_BIAS, TANH, BLOCK_M, BLOCK_N // 2)
+    _fc1_epilogue(right, b_ptr, z_ptr, a_ptr, pid_m, first_col + BLOCK_N // 2, M, N, HAS_BIAS, TANH, BLOCK_M,
+                  BLOCK_N // 2)
+
+
+@triton.jit
+def _fc1_epilogue(z, b_ptr, z_ptr, a_ptr, pid_m, first_col, M, N, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                  BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """z += b1, a = gelu(z), both stored, on the columns first_col + [0, WIDTH) of row block pid_m."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = first_col + tl.arange(0, WIDTH)
+    col_ok = cols < N
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    a, _ = _gelu_and_grad(z, TANH, False)
+    m = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=m)
+    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def mlp_fc2_dgrad_kernel(
+    g_ptr, w_ptr, z_ptr, dh_ptr, part_ptr, M, N, K, sg_m, sw_k, sz_m,
+    BIAS_GRAD: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """dh = (g @ W2) * gelu'(z) [M, N] contiguous; g [M, K], W2 [K, N] and z [M, N] have unit column strides.
+    With BIAS_GRAD, part[pid_m, :] = the sum of this tile's rows of dh in fp32 (before dh is rounded)."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    da = _product(g_ptr, w_ptr, M, N, K, sg_m, 1, sw_k, 1, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                  PRECISION, WIDEN)
+    left, right = _halves(da, BLOCK_M, BLOCK_N)
+    first_col = pid_n * BLOCK_N
+    _dgrad_epilogue(left, z_ptr, dh_ptr, part_ptr, pid_m, first_col, M, N, sz_m, BIAS_GRAD, TANH, BLOCK_M,
+                    BLOCK_N // 2)
+    _dgrad_epilogue(right, z_ptr, dh_ptr, part_ptr, pid_m, first_col + BLOCK_N // 2, M, N, sz_m, BIAS_GRAD, TANH,
+                    BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _dgrad_epilogue(da, z_ptr, dh_ptr, part_ptr, pid_m, first_col, M, N, sz_m, BIAS_GRAD: tl.constexpr,
+                    TANH: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """dh = da * gelu'(z) on the columns first_col + [0, WIDTH) of row block pid_m (and their row sums)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = first_col + tl.arange(0, WIDTH)
+    col_ok = cols < N
+    m = (rows < M)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    z = tl.load(z_ptr + rows64 * sz_m + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    _, grad = _gelu_and_grad(z, TANH, True)
+    dh = tl.where(m, da * grad, 0.0)
+    tl.store(dh_ptr + rows64 * N + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=m)
+    if BIAS_GRAD:
+        tl.store(part_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(dh, axis=0), mask=col_ok)
