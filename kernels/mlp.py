@@ -34,17 +34,22 @@ class GemmConfig(NamedTuple):
     precision: str  # tl.dot's input_precision
 
 
-def gemm_config(dtype: torch.dtype) -> GemmConfig:
-    """The tile configuration of both kernels for operands of ``dtype``.
+def gemm_config(dtype: torch.dtype, M: int) -> GemmConfig:
+    """The tile configuration of both kernels for M rows of operands of ``dtype``.
 
     16-bit: 128 x 128 x 64 tiles, two warpgroups (wgmma on Hopper), 3 stages (96 KiB of shared memory).
-    fp32: a 32-wide K step keeps the same shared memory; products are IEEE fp32 as torch's matmul unless
-    torch allows TF32 (``torch.get_float32_matmul_precision() != "highest"``), as cuBLAS would use then.
+    fp32: 128 x 64 x 64 tiles (no spills on sm_90 with IEEE or TF32 products); products are IEEE fp32 as
+    torch's matmul unless torch allows TF32 (``torch.get_float32_matmul_precision() != "highest"``), as
+    cuBLAS would use then.
+    Fewer than 128 rows take the smallest power-of-two tile height that holds them (at least 16, one
+    warpgroup): no work on rows that do not exist.
     """
+    block_m = min(128, max(16, triton.next_power_of_2(max(M, 1))))
+    warps = 8 if block_m == 128 else 4
     if dtype in (torch.bfloat16, torch.float16):
-        return GemmConfig(128, 128, 64, 8, 8, 3, "ieee")  # precision: fp32 operands only
+        return GemmConfig(block_m, 128, 64, 8, warps, 3, "ieee")  # precision: fp32 operands only
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return GemmConfig(128, 64, 32, 8, 8, 3, precision)
+    return GemmConfig(block_m, 64, 64, 8, warps, 3, precision)
 
 
 @triton.jit

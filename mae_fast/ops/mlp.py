@@ -51,11 +51,11 @@ def mlp_fc2_dgrad_gelu_torch(g: Tensor, weight: Tensor, z: Tensor, approximate: 
     return dh.to(z.dtype), (dh.sum(0) if bias_grad else no_grad_placeholder(z))
 
 
-def _config(x: Tensor, K: int):
-    """The launch configuration for operands like x; WIDEN only where the interpreter runs the kernel (a fake
-    tensor stands for a CUDA one: tracing tools record the GPU's launch)."""
-    dtype = x.dtype
-    cfg = _k.gemm_config(dtype)
+def _config(x: Tensor):
+    """The launch configuration for x [M, K] (the A operand); WIDEN only where the interpreter runs the kernel
+    (a fake tensor stands for a CUDA one: tracing tools record the GPU's launch)."""
+    (M, K), dtype = x.shape, x.dtype
+    cfg = _k.gemm_config(dtype, M)
     return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                      EVEN_K=K % cfg.block_k == 0, PRECISION=cfg.precision,
                      WIDEN=triton_interpret() and dtype == torch.bfloat16 and not is_fake(x), num_warps=cfg.num_warps,
@@ -72,7 +72,7 @@ def _fc1(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) ->
     a = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if z.numel() == 0:
         return a, z
-    cfg, meta = _config(x, K)
+    cfg, meta = _config(x)
     launch(_k.mlp_fc1_kernel)[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
         x, weight, bias if bias is not None else unused_pointer(x), z, a, M, N, K, x.stride(0), weight.stride(0),
         HAS_BIAS=bias is not None, TANH=approximate == "tanh", **meta,
@@ -90,7 +90,7 @@ def _fc2_dgrad(g: Tensor, weight: Tensor, z: Tensor, approximate: str, bias_grad
     dh = torch.empty((M, N), dtype=z.dtype, device=z.device)
     if dh.numel() == 0:
         return dh, (torch.zeros((N,), dtype=torch.float32, device=z.device) if bias_grad else no_grad_placeholder(z))
-    cfg, meta = _config(g, K)
+    cfg, meta = _config(g)
     part = torch.empty((cdiv(M, cfg.block_m), N) if bias_grad else (1,), dtype=torch.float32, device=z.device)
     launch(_k.mlp_fc2_dgrad_kernel)[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
         g, weight, z, dh, part, M, N, K, g.stride(0), weight.stride(0), z.stride(0),
