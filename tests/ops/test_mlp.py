@@ -83,6 +83,38 @@ def test_without_biases_and_partial_gradients():
     assert rel_err(b1g.grad, b64.grad) <= 1e-5
 
 
+def test_strided_inputs():
+    """x a strided view, fc1's weight a transposed view (a unit column stride made for the kernels), the output
+    gradient expanded from a sum (row stride 0)."""
+    base, g = inputs((3, 20), 72, torch.float32, seed=11)
+    x = base[0][:, ::2]  # [3, 10, 72], row stride 144
+    w1 = base[1].t().contiguous().t()  # [288, 72] with strides (1, 288)
+    args = [x, w1, *base[2:]]
+    out, grads = run(lambda *a: fast("none")(*a).sum() * g[0, 0, 0], args, torch.tensor(1.0))
+    exact, grads64 = run(lambda *a: reference("none")(*a).sum() * g[0, 0, 0].double(), [t.double() for t in args],
+                         torch.tensor(1.0, dtype=torch.float64))
+    assert rel_err(out, exact) <= 1e-5
+    for i, (a, e) in enumerate(zip(grads, grads64)):
+        assert rel_err(a, e) <= 1e-5, f"grad[{i}]"
+
+
+@pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
+def test_gradcheck_float64():
+    """torch.autograd.gradcheck of all five gradients (float64: the torch path, through the op's autograd
+    Function), including its undefined-output-gradient check."""
+    args, _ = inputs((2, 3), 8, torch.float64, H=12, seed=12)
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    assert torch.autograd.gradcheck(fast("tanh"), leaves, fast_mode=True, check_undefined_grad=True)
+
+
+def test_create_graph_is_a_clear_error():
+    args, g = inputs((4,), 8, torch.float32, seed=13)
+    x = args[0].clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(ops.mlp(x, *args[1:]).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="mae_fast.ops.mlp: its backward is not differentiable"):
+        gx.square().sum().backward()
+
+
 def test_float64_takes_the_torch_path():
     args, g = inputs((4,), 24, torch.float64, seed=4)
     torch.testing.assert_close(ops.mlp(*args), reference("none")(*args), rtol=1e-12, atol=1e-12)
