@@ -13,7 +13,7 @@ Programs: one per BLOCK_M x BLOCK_N output tile, in groups of GROUP_M row blocks
 share operand tiles in L2). Every matrix has a unit column stride and a passed row stride. Tiles that pass
 the edge of M or N read wrapped-around rows or columns, masked at the store (and out of the bias-gradient
 sums), so the main loop has no M/N masks; K is masked unless EVEN_K. Row offsets are int64. The epilogues
-run on one half of a tile at a time.
+run on one column quarter of a tile at a time.
 """
 from typing import NamedTuple
 
@@ -99,9 +99,20 @@ def _product(a_ptr, b_ptr, M, N, K, sa_m, sa_k, sb_k, sb_n, pid_m, pid_n, BLOCK_
 
 @triton.jit
 def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(t[:, :BLOCK_N // 2], t[:, BLOCK_N // 2:]): the epilogues run on one half of a tile at a time, which
-    halves the registers their temporaries take (no spills at 128 x 128 tiles)."""
+    """(t[:, :BLOCK_N // 2], t[:, BLOCK_N // 2:])."""
     return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _quarters(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The four column quarters of t [BLOCK_M, BLOCK_N]. The epilogues run on one quarter at a time: their
+    temporaries then take a quarter of the registers (at 128 x 128 bf16 tiles both kernels stay within 128
+    registers, two programs per SM on Hopper; on whole tiles the dgrad epilogue spills)."""
+    left, right = _halves(t, BLOCK_M, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_N // 2
+    q0, q1 = _halves(left, BLOCK_M, HALF)
+    q2, q3 = _halves(right, BLOCK_M, HALF)
+    return q0, q1, q2, q3
 
 
 @triton.jit
@@ -116,11 +127,13 @@ def mlp_fc1_kernel(
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     z = _product(x_ptr, w_ptr, M, N, K, sx_m, 1, 1, sw_n, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                  PRECISION, WIDEN)
-    left, right = _halves(z, BLOCK_M, BLOCK_N)
-    first_col = pid_n * BLOCK_N
-    _fc1_epilogue(left, b_ptr, z_ptr, a_ptr, pid_m, first_col, M, N, HAS_BIAS, TANH, BLOCK_M, BLOCK_N // 2)
-    _fc1_epilogue(right, b_ptr, z_ptr, a_ptr, pid_m, first_col + BLOCK_N // 2, M, N, HAS_BIAS, TANH, BLOCK_M,
-                  BLOCK_N // 2)
+    q0, q1, q2, q3 = _quarters(z, BLOCK_M, BLOCK_N)
+    c0 = pid_n * BLOCK_N
+    Q: tl.constexpr = BLOCK_N // 4
+    _fc1_epilogue(q0, b_ptr, z_ptr, a_ptr, pid_m, c0, M, N, HAS_BIAS, TANH, BLOCK_M, Q)
+    _fc1_epilogue(q1, b_ptr, z_ptr, a_ptr, pid_m, c0 + Q, M, N, HAS_BIAS, TANH, BLOCK_M, Q)
+    _fc1_epilogue(q2, b_ptr, z_ptr, a_ptr, pid_m, c0 + 2 * Q, M, N, HAS_BIAS, TANH, BLOCK_M, Q)
+    _fc1_epilogue(q3, b_ptr, z_ptr, a_ptr, pid_m, c0 + 3 * Q, M, N, HAS_BIAS, TANH, BLOCK_M, Q)
 
 
 @triton.jit
@@ -151,12 +164,13 @@ def mlp_fc2_dgrad_kernel(
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     da = _product(g_ptr, w_ptr, M, N, K, sg_m, 1, sw_k, 1, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                   PRECISION, WIDEN)
-    left, right = _halves(da, BLOCK_M, BLOCK_N)
-    first_col = pid_n * BLOCK_N
-    _dgrad_epilogue(left, z_ptr, dh_ptr, part_ptr, pid_m, first_col, M, N, sz_m, BIAS_GRAD, TANH, BLOCK_M,
-                    BLOCK_N // 2)
-    _dgrad_epilogue(right, z_ptr, dh_ptr, part_ptr, pid_m, first_col + BLOCK_N // 2, M, N, sz_m, BIAS_GRAD, TANH,
-                    BLOCK_M, BLOCK_N // 2)
+    q0, q1, q2, q3 = _quarters(da, BLOCK_M, BLOCK_N)
+    c0 = pid_n * BLOCK_N
+    Q: tl.constexpr = BLOCK_N // 4
+    _dgrad_epilogue(q0, z_ptr, dh_ptr, part_ptr, pid_m, c0, M, N, sz_m, BIAS_GRAD, TANH, BLOCK_M, Q)
+    _dgrad_epilogue(q1, z_ptr, dh_ptr, part_ptr, pid_m, c0 + Q, M, N, sz_m, BIAS_GRAD, TANH, BLOCK_M, Q)
+    _dgrad_epilogue(q2, z_ptr, dh_ptr, part_ptr, pid_m, c0 + 2 * Q, M, N, sz_m, BIAS_GRAD, TANH, BLOCK_M, Q)
+    _dgrad_epilogue(q3, z_ptr, dh_ptr, part_ptr, pid_m, c0 + 3 * Q, M, N, sz_m, BIAS_GRAD, TANH, BLOCK_M, Q)
 
 
 @triton.jit
