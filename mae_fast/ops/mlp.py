@@ -51,6 +51,11 @@ def mlp_fc2_dgrad_gelu_torch(g: Tensor, weight: Tensor, z: Tensor, approximate: 
     return dh.to(z.dtype), (dh.sum(0) if bias_grad else no_grad_placeholder(z))
 
 
+def _unit_columns(w: Tensor) -> Tensor:
+    """w with a unit column stride, the kernels' layout (what the op passes has it: no copy)."""
+    return w if w.stride(-1) == 1 else w.contiguous()
+
+
 def _config(x: Tensor):
     """The launch configuration for x [M, K] (the A operand); WIDEN only where the interpreter runs the kernel
     (a fake tensor stands for a CUDA one: tracing tools record the GPU's launch)."""
@@ -64,9 +69,10 @@ def _config(x: Tensor):
 
 @kernel("mlp_fc1")
 def _fc1(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
-    """(a, z) [R, H]: a = gelu(z), z = x @ weight^T + bias; x [R, D] (unit last stride), weight [H, D]."""
+    """(a, z) [R, H]: a = gelu(z), z = x @ weight^T + bias; x [R, D], weight [H, D]."""
     if not use_triton(x):
         return mlp_fc1_torch(x, weight, bias, approximate)
+    x, weight = _unit_columns(x), _unit_columns(weight)
     (M, K), N = x.shape, weight.shape[0]
     z = torch.empty((M, N), dtype=x.dtype, device=x.device)
     a = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -83,9 +89,10 @@ def _fc1(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) ->
 @kernel("mlp_fc2_dgrad_gelu")
 def _fc2_dgrad(g: Tensor, weight: Tensor, z: Tensor, approximate: str, bias_grad: bool) -> tuple[Tensor, Tensor]:
     """(dh [R, H] in z's dtype, fc1's bias gradient [H] fp32 or a placeholder): dh = (g @ weight) * gelu'(z)
-    with g [R, O] (unit last stride), weight [O, H], z [R, H]."""
+    with g [R, O], weight [O, H], z [R, H]."""
     if not use_triton(g):
         return mlp_fc2_dgrad_gelu_torch(g, weight, z, approximate, bias_grad)
+    g, weight, z = _unit_columns(g), _unit_columns(weight), _unit_columns(z)
     (M, K), N = g.shape, weight.shape[1]
     dh = torch.empty((M, N), dtype=z.dtype, device=z.device)
     if dh.numel() == 0:
@@ -107,11 +114,6 @@ def _fc1_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.mae_fast.mlp_fc2_dgrad_gelu)
 def _fc2_dgrad_flops(g_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * g_shape[0] * g_shape[1] * weight_shape[1]  # [R, O] @ [O, H]
-
-
-def _unit_columns(w: Tensor) -> Tensor:
-    """w with a unit column stride, the kernels' layout (nn.Linear weights have it: no copy)."""
-    return w if w.stride(-1) == 1 else w.contiguous()
 
 
 class _Mlp(torch.autograd.Function):
