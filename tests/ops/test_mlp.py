@@ -120,25 +120,30 @@ def test_float64_takes_the_torch_path():
     torch.testing.assert_close(ops.mlp(*args), reference("none")(*args), rtol=1e-12, atol=1e-12)
 
 
-def test_autocast_against_torch_autocast():
-    args, g = inputs((3, 11), 72, torch.float32, seed=5)
-    leaves = [t.clone().requires_grad_(True) for t in args]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ops.mlp(*leaves)
-        torch_out = reference("none")(*args)
-    assert out.dtype == torch_out.dtype == torch.bfloat16
-    out.backward(g.to(out.dtype))
-    assert all(t.grad.dtype == torch.float32 for t in leaves)
-    wide = [t.double().requires_grad_(True) for t in args]
-    exact = reference("none")(*wide)
-    exact.backward(g.to(out.dtype).double())
-    ref_leaves = [t.clone().requires_grad_(True) for t in args]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch_out = reference("none")(*ref_leaves)
-    torch_out.backward(g.to(torch_out.dtype))
-    assert rel_err(out, exact) <= 2 * rel_err(torch_out, exact) + 1e-6
-    for i, (t, r, e) in enumerate(zip(leaves, ref_leaves, wide)):
-        assert rel_err(t.grad, e.grad) <= 2 * rel_err(r.grad, e.grad) + 1e-6, f"grad[{i}]"
+def autocast_case(device, rows, D, x_dtype, seed):
+    """ops.mlp and torch's F.linear / F.gelu under bf16 autocast (fp32 parameters, x in x_dtype: the model's
+    LayerNorm hands the MLP bf16), each against float64: outputs and gradients norm-wise within twice torch's
+    error; gradients in their inputs' dtypes."""
+    args, g = inputs(rows, D, torch.float32, seed=seed)
+    args = [args[0].to(x_dtype), *args[1:]]
+    args, g = [t.to(device) for t in args], g.to(device)
+    results = []
+    for fn in (fast("none"), reference("none")):
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = fn(*leaves)
+        assert out.dtype == torch.bfloat16
+        out.backward(g.to(out.dtype))
+        results.append([out] + [t.grad for t in leaves])
+    assert [t.dtype for t in results[0][1:]] == [t.dtype for t in args]
+    exact = run(reference("none"), [t.double() for t in args], g.to(torch.bfloat16).double())
+    for i, (ours, torch_, e) in enumerate(zip(*results, [exact[0], *exact[1]])):
+        assert rel_err(ours, e) <= 2 * rel_err(torch_, e) + 1e-6, f"output {i} (0: out, then the gradients)"
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_against_torch_autocast(x_dtype):
+    autocast_case("cpu", (3, 11), 72, x_dtype, seed=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -213,6 +218,12 @@ def test_bad_inputs():
         ops.mlp(x, w1, b1, w2.double(), b2)
     with pytest.raises(ValueError, match="fc1_weight must be on meta"):
         ops.mlp(x.to("meta"), w1, b1, w2, b2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [768, 512])
+def test_gpu_autocast_vit_widths(D):
+    autocast_case("cuda", (8, 50), D, torch.bfloat16, seed=14)
 
 
 @pytest.mark.gpu
