@@ -31,7 +31,7 @@ class GemmConfig(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
-    precision: str  # tl.dot's input_precision
+    tf32: bool  # fp32 operands: TF32 products (else IEEE fp32)
 
 
 def gemm_config(dtype: torch.dtype, M: int) -> GemmConfig:
@@ -47,9 +47,8 @@ def gemm_config(dtype: torch.dtype, M: int) -> GemmConfig:
     block_m = min(128, max(16, triton.next_power_of_2(max(M, 1))))
     warps = 8 if block_m == 128 else 4
     if dtype in (torch.bfloat16, torch.float16):
-        return GemmConfig(block_m, 128, 64, 8, warps, 3, "ieee")  # precision: fp32 operands only
-    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return GemmConfig(block_m, 64, 64, 8, warps, 3, precision)
+        return GemmConfig(block_m, 128, 64, 8, warps, 3, False)
+    return GemmConfig(block_m, 64, 64, 8, warps, 3, torch.get_float32_matmul_precision() != "highest")
 
 
 @triton.jit
@@ -68,7 +67,7 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
 
 @triton.jit
 def _product(a_ptr, b_ptr, M, N, K, sa_m, sa_k, sb_k, sb_n, pid_m, pid_n, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TF32: tl.constexpr,
              WIDEN: tl.constexpr):
     """The fp32 tile sum_k A[m, k] B[k, n] of output tile (pid_m, pid_n); A and B addressed by strides.
     Rows past M and columns past N wrap around (valid addresses; the caller masks them). WIDEN: operands
@@ -91,7 +90,7 @@ def _product(a_ptr, b_ptr, M, N, K, sa_m, sa_k, sb_k, sb_n, pid_m, pid_n, BLOCK_
         if WIDEN:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision="tf32" if TF32 else "ieee")
         a_ptrs += BLOCK_K * sa_k
         b_ptrs += BLOCK_K * sb_k
     return acc
@@ -119,14 +118,14 @@ def _quarters(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def mlp_fc1_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, a_ptr, M, N, K, sx_m, sw_n,
     HAS_BIAS: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TF32: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
     """z = x @ W1^T + b1 and a = gelu(z), both [M, N] contiguous; x [M, K] and W1 [N, K] have unit
     column strides."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     z = _product(x_ptr, w_ptr, M, N, K, sx_m, 1, 1, sw_n, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                 PRECISION, WIDEN)
+                 TF32, WIDEN)
     q0, q1, q2, q3 = _quarters(z, BLOCK_M, BLOCK_N)
     c0 = pid_n * BLOCK_N
     Q: tl.constexpr = BLOCK_N // 4
@@ -156,14 +155,14 @@ def _fc1_epilogue(z, b_ptr, z_ptr, a_ptr, pid_m, first_col, M, N, HAS_BIAS: tl.c
 def mlp_fc2_dgrad_kernel(
     g_ptr, w_ptr, z_ptr, dh_ptr, part_ptr, M, N, K, sg_m, sw_k, sz_m,
     BIAS_GRAD: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TF32: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
     """dh = (g @ W2) * gelu'(z) [M, N] contiguous; g [M, K], W2 [K, N] and z [M, N] have unit column strides.
     With BIAS_GRAD, part[pid_m, :] = the sum of this tile's rows of dh in fp32 (before dh is rounded)."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     da = _product(g_ptr, w_ptr, M, N, K, sg_m, 1, sw_k, 1, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                  PRECISION, WIDEN)
+                  TF32, WIDEN)
     q0, q1, q2, q3 = _quarters(da, BLOCK_M, BLOCK_N)
     c0 = pid_n * BLOCK_N
     Q: tl.constexpr = BLOCK_N // 4

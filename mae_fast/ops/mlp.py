@@ -62,7 +62,7 @@ def _config(x: Tensor):
     (M, K), dtype = x.shape, x.dtype
     cfg = _k.gemm_config(dtype, M)
     return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                     EVEN_K=K % cfg.block_k == 0, PRECISION=cfg.precision,
+                     EVEN_K=K % cfg.block_k == 0, TF32=cfg.tf32,
                      WIDEN=triton_interpret() and dtype == torch.bfloat16 and not is_fake(x), num_warps=cfg.num_warps,
                      num_stages=cfg.num_stages)
 
