@@ -198,6 +198,24 @@ def test_torch_path_functions_are_the_oracle():
     torch.testing.assert_close(db, dh.sum(0))
 
 
+def test_launch_configuration():
+    """128 x 128 x 64 tiles on two warpgroups at ViT sizes; a tile height that holds a few rows; fp32 products
+    in IEEE fp32 unless torch allows TF32 for its own matmuls."""
+    from mae_fast.kernels.mlp import gemm_config
+
+    cfg = gemm_config(torch.bfloat16, 256 * 50)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps) == (128, 128, 64, 8)
+    assert gemm_config(torch.float16, 3).block_m == 16 and gemm_config(torch.bfloat16, 50).block_m == 64
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not gemm_config(torch.float32, 100).tf32
+        torch.set_float32_matmul_precision("high")
+        assert gemm_config(torch.float32, 100).tf32
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def test_bad_inputs():
     (x, w1, b1, w2, b2), _ = inputs((2,), 8, torch.float32)
     with pytest.raises(ValueError, match="fc1_weight's in_features 8"):
