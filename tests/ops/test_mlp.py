@@ -53,8 +53,8 @@ def test_fp32_against_oracle(rows, D, approximate):
 
 
 @pytest.mark.parametrize("dtype,rows,D,approximate", [
-    (torch.bfloat16, (17,), 72, "none"), (torch.bfloat16, (130,), 80, "tanh"), (torch.bfloat16, (3,), 1024, "none"),
-    (torch.bfloat16, (1,), 1024, "tanh"), (torch.float16, (2, 25), 72, "none"), (torch.float16, (17,), 80, "tanh")])
+    (torch.bfloat16, (17,), 72, "none"), (torch.bfloat16, (130,), 80, "tanh"), (torch.bfloat16, (3,), 1024, "tanh"),
+    (torch.float16, (2, 25), 72, "none"), (torch.float16, (17,), 80, "tanh")])
 def test_half_against_oracle(dtype, rows, D, approximate):
     """Norm-wise (each gradient is a sum over rounded 16-bit terms: elementwise, the rounding noise of the
     two computations is random), within twice torch's error plus one rounding step (Triton's interpreter
