@@ -115,6 +115,14 @@ def test_create_graph_is_a_clear_error():
         gx.square().sum().backward()
 
 
+def test_no_rows():
+    """An empty batch: an empty output and zero parameter gradients, no launch."""
+    args, g = inputs((0,), 8, torch.float32, seed=15)
+    out, grads = run(fast("none"), args, g)
+    assert out.shape == (0, 8) and grads[0].shape == (0, 8)
+    assert all(t.shape == p.shape and not t.any() for t, p in zip(grads[1:], args[1:]))
+
+
 def test_float64_takes_the_torch_path():
     args, g = inputs((4,), 24, torch.float64, seed=4)
     torch.testing.assert_close(ops.mlp(*args), reference("none")(*args), rtol=1e-12, atol=1e-12)
