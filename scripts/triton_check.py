@@ -3,8 +3,10 @@
 Each op runs once (forward and backward, fp32 and bf16, with and without its optional inputs) through
 Triton's interpreter on the CPU (in a subprocess), and so does one training step of the ViT-B/16 and
 ViT-L/16 fast models at batch 256 on fake tensors (the launch configurations of a real run); every launch
-is recorded: its argument types, constexprs and num_warps. Each distinct launch signature is then compiled for an H100/H200 (GPUTarget cuda 90) by Triton's
-own compiler, without a GPU, and ptxas reports its registers, spills and shared memory. So the kernels are
+is recorded: its argument types, constexprs, num_warps and num_stages, and which arguments Triton's launcher
+would mark divisible by 16 (16-byte aligned tensors, integers that are multiples of 16: the hints that
+let loads vectorise). The MLP's GEMMs run at the ViT-B/16 and ViT-L/16 shapes on fake tensors too. Each
+distinct launch signature is then compiled for an H100/H200 (GPUTarget cuda 90) by Triton's own compiler, without a GPU, and ptxas reports its registers, spills and shared memory. So the kernels are
 type-checked by the real compiler on machines without a GPU (the interpreter accepts some code the compiler
 rejects), and a kernel that spills registers shows up here. Exit status 1 if any kernel fails to compile.
 
@@ -70,8 +72,21 @@ def workload():
             out.float().sum().backward()
 
 
+def _divisible_by_16(value) -> bool:
+    """Whether Triton's launcher hints this argument divisible by 16 (fake tensors: by their storage offset;
+    the allocator aligns storages)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if isinstance(value, torch.Tensor):
+        if is_fake(value):
+            return value.storage_offset() * value.element_size() % 16 == 0
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 def signature(kernel, args, kwargs):
-    """(signature, constexprs, num_warps) of one launch."""
+    """(signature, constexprs, num_warps, num_stages, indices of the arguments hinted divisible by 16) of one
+    launch."""
     import inspect
 
     names = list(inspect.signature(kernel.fn).parameters)
@@ -90,7 +105,9 @@ def signature(kernel, args, kwargs):
             raise TypeError(f"{kernel.fn.__name__}: argument {name} of type {type(value).__name__}")
     for name in constexprs:
         sig[name] = "constexpr"
-    return sig, constexprs, kwargs.get("num_warps", 4)
+    aligned = [i for i, (name, value) in enumerate(zip(names, args))
+               if name not in constexprs and _divisible_by_16(value)]
+    return sig, constexprs, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3), aligned
 
 
 def resources(ptx: str, ptxas: str):
@@ -123,18 +140,57 @@ def model_steps():
             loss.backward()
 
 
+def _mlp_step(R, D, dtype, autocast, bias=True, approximate="none"):
+    """ops.mlp forward and backward on fake tensors (the GPU's launch configurations, without running)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mae_fast import ops
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        w_dtype = torch.float32 if autocast else dtype
+        x = torch.randn(R, D, dtype=w_dtype).requires_grad_(True)
+        w1, w2 = torch.randn(4 * D, D, dtype=w_dtype), torch.randn(D, 4 * D, dtype=w_dtype)
+        b1, b2 = (torch.randn(4 * D, dtype=w_dtype), torch.randn(D, dtype=w_dtype)) if bias else (None, None)
+        params = [t.requires_grad_(True) for t in (w1, b1, w2, b2) if t is not None]
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = ops.mlp(x, w1, b1, w2, b2, approximate)
+        torch.autograd.grad(out.float().sum(), [x, *params])
+
+
+def mlp_steps():
+    """The MLP's GEMMs as a ViT-B/16 and ViT-L/16 step at batch 256 launches them under bf16 autocast (encoder
+    rows 256 x 50, decoder rows 256 x 197 at width 512), and in the other dtypes and variants at ViT-B/16's
+    encoder size (tanh GELU, fp16 without biases, fp32)."""
+    for R, D in ((256 * 50, 768), (256 * 50, 1024), (256 * 197, 512)):
+        _mlp_step(R, D, torch.bfloat16, True)
+    _mlp_step(256 * 50, 768, torch.bfloat16, True, approximate="tanh")
+    _mlp_step(256 * 50, 768, torch.float16, False, bias=False)
+    _mlp_step(256 * 50, 768, torch.float32, False)
+
+
+def mlp_odd_shapes():
+    """The MLP's GEMMs at a width that is no multiple of 16 (unaligned rows: no vectorised loads) and no
+    multiple of the K step, with fewer rows than a tile: compiled, their spills not counted (no ViT has
+    such a width)."""
+    _mlp_step(50, 72, torch.bfloat16, True)
+    _mlp_step(50, 72, torch.float32, False, approximate="tanh")
+
+
 def record() -> None:
     """Print the launch signatures of the workloads as JSON lines ("real": from the full-size model step)."""
     from mae_fast.ops._triton import observe_launches
 
     seen = set()
-    for real, run in ((False, workload), (True, model_steps)):
-        with observe_launches(run=not real) as launches:  # the full-size step: recorded, not run
+    # (spills counted, launches run, workload): fake-tensor workloads are recorded, not run
+    for real, execute, run in ((False, True, workload), (False, False, mlp_odd_shapes), (True, False, model_steps),
+                               (True, False, mlp_steps)):
+        with observe_launches(run=execute) as launches:
             run()
         for kernel, _grid, largs, lkwargs in launches:
-            sig, constexprs, warps = signature(kernel, largs, lkwargs)
+            sig, constexprs, warps, stages, aligned = signature(kernel, largs, lkwargs)
             line = json.dumps({"module": kernel.fn.__module__, "name": kernel.fn.__name__, "signature": sig,
-                               "constexprs": constexprs, "num_warps": warps, "real": real}, sort_keys=True)
+                               "constexprs": constexprs, "num_warps": warps, "num_stages": stages,
+                               "aligned": aligned, "real": real}, sort_keys=True)
             if line not in seen:
                 seen.add(line)
                 print(line)
@@ -154,8 +210,10 @@ def compile_all(lines, verbose: bool) -> int:
     for launch in lines:
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         try:
-            compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"]), target=target,
-                                      options={"num_warps": launch["num_warps"]})
+            attrs = {(i,): [["tt.divisibility", 16]] for i in launch["aligned"]}
+            compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs=attrs),
+                                      target=target,
+                                      options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
             regs, spills, smem = resources(compiled.asm["ptx"], ptxas)
             rows.append((launch["name"], regs, spills if launch["real"] else 0, smem, "ok"))
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail

@@ -15,6 +15,7 @@ from .bias_gelu import bias_gelu
 from .gather_patches import gather_patches
 from .gather_tokens import gather_tokens
 from .linear import linear
+from .mlp import mlp
 from .norm_pix_loss import norm_pix_loss
 from .paths import PATHS, dispatching, get_path, path, set_path, use_triton
 from .random_masking import Masking, random_masking
@@ -23,5 +24,5 @@ from .self_attention import self_attention
 from .unshuffle_tokens import unshuffle_tokens
 
 __all__ = ["Masking", "PATHS", "add_layer_norm", "bias_gelu", "gather_patches", "gather_tokens", "get_path", "linear",
-           "norm_pix_loss", "path", "random_masking", "residual_add", "self_attention", "set_path",
+           "mlp", "norm_pix_loss", "path", "random_masking", "residual_add", "self_attention", "set_path",
            "unshuffle_tokens", "autocast_dtype", "check_indices_enabled", "check_ratio", "dispatching", "use_triton"]
