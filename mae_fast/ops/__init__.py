@@ -14,6 +14,7 @@ from .gather_patches import gather_patches
 from .gather_tokens import gather_tokens
 from .norm_pix_loss import norm_pix_loss
 from .linear import linear
+from .qkv_attention import qkv_attention
 from .random_masking import Masking, random_masking
 from .residual_add import residual_add
 from .self_attention import self_attention
@@ -23,5 +24,5 @@ from .unshuffle_tokens import unshuffle_tokens
 _sys.modules[__name__ + ".loss"] = _norm_pix_loss_module
 
 __all__ = ["Masking", "PATHS", "add_layer_norm", "bias_gelu", "gather_patches", "gather_tokens", "get_path", "linear",
-           "norm_pix_loss", "path", "random_masking", "residual_add", "self_attention", "set_path",
-           "unshuffle_tokens"]
+           "norm_pix_loss", "path", "qkv_attention", "random_masking", "residual_add", "self_attention",
+           "set_path", "unshuffle_tokens"]

@@ -27,7 +27,8 @@ from ._checks import FLOAT_DTYPES, check_number, check_shape, check_tensor
 from ._registry import autocast_dtype, autocast_off, kernel, launch, no_grad_placeholder, once_differentiable, \
     unused_pointer, use_triton, wide
 
-__all__ = ["qkv_attention", "attention", "qkv_attention_torch", "qkv_attention_backward_torch", "split_heads"]
+__all__ = ["qkv_attention", "attention", "attention_forward", "attention_backward", "qkv_attention_torch",
+           "qkv_attention_backward_torch", "split_heads", "heads", "check_scale", "check_no_dropout"]
 
 _LOG2E = 1.4426950408889634
 
@@ -39,7 +40,7 @@ def split_heads(qkv: Tensor, num_heads: int):
     return qkv.view(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
 
 
-def _heads(t: Tensor, num_heads: int) -> Tensor:
+def heads(t: Tensor, num_heads: int) -> Tensor:
     """[B, N, H*hd] -> [B, H, N, hd] (a view when the strides allow)."""
     B, N, C = t.shape
     return t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
@@ -75,7 +76,7 @@ def _precision(t: Tensor) -> str:
 
 
 @kernel("qkv_attention")
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     if not use_triton(q):
         return qkv_attention_torch(q, k, v, scale)
     B, H, N, hd = q.shape
@@ -94,7 +95,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Ten
 
 
 @kernel("qkv_attention_backward")
-def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
               need_bias: bool) -> tuple[Tensor, Tensor]:
     """do, o [B, H, N, hd] (any strides) -> (dqkv [B*N, 3*H*hd], dbias [3*H*hd] fp32 or empty). The torch
     path takes delta = rowsum(P * dP) and does not read o."""
@@ -137,7 +138,7 @@ class _QkvAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, num_heads, scale):
         with autocast_off(qkv):
-            o, lse = _forward(*split_heads(qkv, num_heads), scale)  # [B, N, C], [B, H, N]
+            o, lse = attention_forward(*split_heads(qkv, num_heads), scale)  # [B, N, C], [B, H, N]
         ctx.save_for_backward(qkv, o, lse)
         ctx.num_heads, ctx.scale = num_heads, scale
         return o
@@ -148,7 +149,8 @@ class _QkvAttention(torch.autograd.Function):
         qkv, o, lse = ctx.saved_tensors
         H = ctx.num_heads
         with autocast_off(do):
-            dqkv, _ = _backward(_heads(do.to(o.dtype), H), *split_heads(qkv, H), _heads(o, H), lse, ctx.scale, False)
+            dqkv, _ = attention_backward(heads(do.to(o.dtype), H), *split_heads(qkv, H), heads(o, H), lse, ctx.scale,
+                                         False)  # [B*N, 3C]
         return dqkv.view(qkv.shape), None, None
 
 
@@ -156,10 +158,10 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         with autocast_off(q):
-            o, lse = _forward(q, k, v, scale)  # [B, N, H*hd], [B, H, N]
+            o, lse = attention_forward(q, k, v, scale)  # [B, N, H*hd], [B, H, N]
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
-        return _heads(o, q.shape[1])  # [B, H, N, hd], a view of o
+        return heads(o, q.shape[1])  # [B, H, N, hd], a view of o
 
     @staticmethod
     @once_differentiable("attention")
@@ -167,7 +169,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         B, H, N, hd = q.shape
         with autocast_off(do):
-            dqkv, _ = _backward(do.to(o.dtype), q, k, v, _heads(o, H), lse, ctx.scale, False)
+            dqkv, _ = attention_backward(do.to(o.dtype), q, k, v, heads(o, H), lse, ctx.scale, False)
         dq, dk, dv = split_heads(dqkv.view(B, N, 3 * H * hd), H)  # [B, H, N, hd] views into dqkv
         need = ctx.needs_input_grad
         return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None
@@ -181,6 +183,13 @@ def check_scale(scale, hd: int) -> float:
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite, got {value}")
     return value
+
+
+def check_no_dropout(dropout_p: float) -> None:
+    """The kernels have no dropout: a ValueError for dropout_p > 0 (an attention backend's caller asked for it)."""
+    if dropout_p > 0:
+        raise ValueError(f"attn_backend='mae_fast' has no dropout, got dropout_p={dropout_p} (choose another "
+                         f"backend for attention dropout)")
 
 
 def _compute(t: Tensor) -> Tensor:
