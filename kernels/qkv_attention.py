@@ -43,10 +43,11 @@ def _block_d(hd: int) -> int:
 
 
 def forward_tiles(N: int, hd: int) -> AttentionTiles:
-    """Up to 64 tokens: one query block and one key block (a 50-token encoder is one 64 x 64 tile). Longer:
-    64-row query blocks against 64-key blocks (32 from head dim 128, 16 beyond)."""
+    """Up to 64 tokens at head dims up to 128: one query block and one key block (a 50-token encoder is one
+    64 x 64 tile). Otherwise 64-row query blocks (32 beyond head dim 128) against 64-key blocks (32 from head
+    dim 128, 16 beyond)."""
     bd = _block_d(hd)
-    if N <= 64:
+    if N <= 64 and bd <= 128:
         bm = bn = max(16, triton.next_power_of_2(max(N, 1)))
     else:
         bm = 64 if bd <= 128 else 32
@@ -56,16 +57,17 @@ def forward_tiles(N: int, hd: int) -> AttentionTiles:
 
 def backward_tiles(N: int, hd: int) -> AttentionTiles:
     """WHOLE while all queries of a (b, h) fit one tile of at most 8192 elements (N <= 256 at head dim 32,
-    128 at 64, 64 at 72-128): the decoder's 197 tokens at head dim 32 are one program per (b, h) with key
-    blocks of 32; the scores tile [queries, keys] stays at most 8192 elements. Beyond: blocked, 64 x 64
-    tiles (32 x 32 from head dim 128, 16 x 16 beyond)."""
+    128 at 64, 64 at 72-128), walking the keys 32 at a time (16 from head dim 128): the decoder's 197 tokens
+    at head dim 32 are one program per (b, h), and so is a 50-token encoder at head dim 64. Beyond: blocked,
+    64 x 64 tiles (32 x 32 from head dim 128, 16 x 16 beyond 256). Sizes and warps: no register spills for
+    sm_90 at these (scripts/triton_check.py)."""
     bd = _block_d(hd)
     bq = max(16, triton.next_power_of_2(max(N, 1)))
     if bq * bd <= 8192:
-        bn = max(16, min(bq, 8192 // bq))
-        return AttentionTiles(bq, bn, bd, True, 1, 4 if bq * bd <= 4096 else 8)
-    b = 64 if bd <= 64 else (32 if bd <= 128 else 16)
-    return AttentionTiles(b, b, bd, False, 2 * triton.cdiv(N, b), 4 if bd <= 64 else 8)
+        bn = min(bq, 32 if bd <= 64 else 16)
+        return AttentionTiles(bq, bn, bd, True, 1, 4 if bq * bd <= 1024 else 8)
+    b = 64 if bd <= 64 else (32 if bd <= 256 else 16)
+    return AttentionTiles(b, b, bd, False, 2 * triton.cdiv(N, b), 4 if bd <= 32 else 8)
 
 
 @triton.jit
