@@ -4,7 +4,7 @@ and writing the backward's dq, dk, dv straight into the packed gradient of that 
 
 Forward (one program per (query block, b, h), looping over key blocks with an online softmax; a sequence of
 up to 64 tokens is one block of each):
-    o [B, N, H*hd] (any strides), lse [B, H, N] fp32 (natural log-sum-exp of each row of q k^T * scale)
+    o [B, N, H*hd] (any strides), lse [B, H, N] fp32: log2 sum_j 2^(s_ij), s = q k^T * scale * log2(e)
 Backward (delta = rowsum(o * do), the same in every program that needs it, computed where it is needed):
     WHOLE: one program per (b, h) holding all its queries, looping over key blocks; each key block's dk, dv
            are complete in that iteration and dq after the loop (5 products per tile, nothing recomputed).
@@ -21,10 +21,6 @@ from typing import NamedTuple
 
 import triton
 import triton.language as tl
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-
 
 class AttentionTiles(NamedTuple):
     """Tile sizes of one launch: query rows (block_m) x key rows (block_n) x padded head dim (block_d);
@@ -71,6 +67,28 @@ def backward_tiles(N: int, hd: int) -> AttentionTiles:
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with an fp32 result. PRECISION "ieee" (fp32 inputs, exact products) or "tf32" (ignored for 16-bit
+    inputs); "upcast": 16-bit operands widened to fp32 first (exact, the same products), for Triton's
+    interpreter, which multiplies bfloat16 operands as their raw bits."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _operand(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 x rounded to the inputs' dtype for a product (P, dS). "upcast" (the interpreter, bfloat16): rounded
+    to nearest bfloat16 by its bits and kept in fp32, since the interpreter's casts truncate where a GPU's round
+    (truncating every probability would bias the products)."""
+    if PRECISION == "upcast":
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _tile(base, rows, row_ok, sn, cols, col_ok, sd):
     """The tile base[rows * sn + cols * sd] (rows int64), 0 outside the masks."""
     return tl.load(base + rows[:, None] * sn + cols[None, :] * sd, mask=row_ok[:, None] & col_ok[None, :],
@@ -78,7 +96,9 @@ def _tile(base, rows, row_ok, sn, cols, col_ok, sd):
 
 
 @triton.jit
-def _store(base, rows, row_ok, sn, cols, col_ok, sd, value):
+def _store(base, rows, row_ok, sn, cols, col_ok, sd, value, PRECISION: tl.constexpr):
+    """Store the fp32 tile ``value`` at base[rows * sn + cols * sd] in base's dtype (rounded to nearest)."""
+    value = _operand(value, base.dtype.element_ty, PRECISION)
     tl.store(base + rows[:, None] * sn + cols[None, :] * sd, value.to(base.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -112,37 +132,37 @@ def qkv_attention_fwd_kernel(
         col_ok = cols < N
         k = _tile(k_base, cols, col_ok, skn, d, d_ok, skd)  # [BLOCK_N, BLOCK_D]
         v = _tile(v_base, cols, col_ok, svn, d, d_ok, svd)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)  # 0 on the first block (m = -inf)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(_operand(p, v.dtype, PRECISION), v, PRECISION)
         m = m_new
-    _store(o_ptr + b * sob + h * soh, rows, row_ok, son, d, d_ok, sod, acc / l[:, None])
-    tl.store(lse_ptr + bh.to(tl.int64) * N + rows, (m + tl.log2(l)) * _LN2, mask=row_ok)
+    _store(o_ptr + b * sob + h * soh, rows, row_ok, son, d, d_ok, sod, acc / l[:, None], PRECISION)
+    tl.store(lse_ptr + bh.to(tl.int64) * N + rows, m + tl.log2(l), mask=row_ok)
 
 
 @triton.jit
 def _probs_and_grads(q, k, v, do, lse2, delta, col_ok, qk_scale, PRECISION: tl.constexpr):
     """(P, dS / scale) of a [queries, keys] tile: P = exp2(q k^T * qk_scale - lse2), dS / scale = P * (dO v^T -
     delta); 0 at keys outside the sequence (queries outside have lse2 = inf, so P = 0 there)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = _dot(q, tl.trans(k), PRECISION)
     p = tl.where(col_ok[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot(do, tl.trans(v), PRECISION)
     return p, p * (dp - delta[:, None])
 
 
 @triton.jit
 def _query_rows(q_base, do_base, o_base, lse_base, rows, N, d, d_ok, sqn, sqd, sdon, sdod, son, sod):
-    """(q, do, lse2 = lse * log2(e), delta = rowsum(o * do)) of the query rows ``rows``."""
+    """(q, do, lse2, delta = rowsum(o * do)) of the query rows ``rows``."""
     row_ok = rows < N
     q = _tile(q_base, rows, row_ok, sqn, d, d_ok, sqd)
     do = _tile(do_base, rows, row_ok, sdon, d, d_ok, sdod)
     o = _tile(o_base, rows, row_ok, son, d, d_ok, sod)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
+    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
     return q, do, lse2, delta
 
 
@@ -167,17 +187,17 @@ def _query_block(q_base, k_base, v_base, o_base, do_base, lse_base, dq_base, dk_
         k = _tile(k_base, cols, col_ok, skn, d, d_ok, skd)  # [BLOCK_N, BLOCK_D]
         v = _tile(v_base, cols, col_ok, svn, d, d_ok, svd)
         p, ds = _probs_and_grads(q, k, v, do, lse2, delta, col_ok, qk_scale, PRECISION)  # [BLOCK_M, BLOCK_N]
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(_operand(ds, k.dtype, PRECISION), k, PRECISION)
         if WHOLE:  # all queries are here: this key block's dk, dv are complete
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-            _store(dk_base, cols, col_ok, sdkn, d, d_ok, sdkd, dk)
-            _store(dv_base, cols, col_ok, sdvn, d, d_ok, sdvd, dv)
+            dv = _dot(tl.trans(_operand(p, do.dtype, PRECISION)), do, PRECISION)  # [BLOCK_N, BLOCK_D]
+            dk = _dot(tl.trans(_operand(ds, q.dtype, PRECISION)), q, PRECISION) * scale
+            _store(dk_base, cols, col_ok, sdkn, d, d_ok, sdkd, dk, PRECISION)
+            _store(dv_base, cols, col_ok, sdvn, d, d_ok, sdvd, dv, PRECISION)
             if NEED_PART:
                 dk_sum += tl.sum(dk, 0)
                 dv_sum += tl.sum(dv, 0)
     dq = dq * scale
-    _store(dq_base, rows, row_ok, sdqn, d, d_ok, sdqd, dq)
+    _store(dq_base, rows, row_ok, sdqn, d, d_ok, sdqd, dq, PRECISION)
     if NEED_PART:
         tl.store(part_base + d, tl.sum(dq, 0), mask=d_ok)
         if WHOLE:
@@ -204,11 +224,11 @@ def _key_block(q_base, k_base, v_base, o_base, do_base, lse_base, dk_base, dv_ba
         q, do, lse2, delta = _query_rows(q_base, do_base, o_base, lse_base, rows, N, d, d_ok, sqn, sqd, sdon, sdod,
                                          son, sod)
         p, ds = _probs_and_grads(q, k, v, do, lse2, delta, col_ok, qk_scale, PRECISION)  # [BLOCK_M, BLOCK_N]
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dv += _dot(tl.trans(_operand(p, do.dtype, PRECISION)), do, PRECISION)
+        dk += _dot(tl.trans(_operand(ds, q.dtype, PRECISION)), q, PRECISION)
     dk = dk * scale
-    _store(dk_base, cols, col_ok, sdkn, d, d_ok, sdkd, dk)
-    _store(dv_base, cols, col_ok, sdvn, d, d_ok, sdvd, dv)
+    _store(dk_base, cols, col_ok, sdkn, d, d_ok, sdkd, dk, PRECISION)
+    _store(dv_base, cols, col_ok, sdvn, d, d_ok, sdvd, dv, PRECISION)
     if NEED_PART:
         tl.store(part_base + part_stride + d, tl.sum(dk, 0), mask=d_ok)
         tl.store(part_base + 2 * part_stride + d, tl.sum(dv, 0), mask=d_ok)

@@ -47,12 +47,12 @@ def heads(t: Tensor, num_heads: int) -> Tensor:
 
 
 def qkv_attention_torch(q: Tensor, k: Tensor, v: Tensor, scale: float):
-    """Plain torch forward: (o [B, N, H*hd] in q's dtype, lse [B, H, N] fp32, float64 for float64 inputs)."""
+    """Plain torch forward: (o [B, N, H*hd] in q's dtype, lse [B, H, N]: the base-2 log-sum-exp of each row of
+    q k^T * scale * log2(e), fp32, float64 for float64 inputs)."""
     B, H, N, hd = q.shape
     s = torch.matmul(wide(q), wide(k).transpose(-1, -2)) * scale  # [B, H, N, N]
-    lse = torch.logsumexp(s, dim=-1)  # [B, H, N]
-    o = torch.matmul(torch.exp(s - lse[..., None]), wide(v))  # [B, H, N, hd]
-    return o.transpose(1, 2).reshape(B, N, H * hd).to(q.dtype), lse
+    o = torch.matmul(torch.softmax(s, dim=-1), wide(v))  # [B, H, N, hd]
+    return o.transpose(1, 2).reshape(B, N, H * hd).to(q.dtype), torch.logsumexp(s, dim=-1) * _LOG2E  # [B, H, N]
 
 
 def qkv_attention_backward_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float,
@@ -61,7 +61,7 @@ def qkv_attention_backward_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, ls
     column sums of dqkv in fp32 (float64 for float64), or an empty tensor without need_bias)."""
     B, H, N, hd = q.shape
     qw, kw, vw, dow = wide(q), wide(k), wide(v), wide(do)
-    p = torch.exp(torch.matmul(qw, kw.transpose(-1, -2)) * scale - lse[..., None])  # [B, H, N, N]
+    p = torch.softmax(torch.matmul(qw, kw.transpose(-1, -2)) * scale, dim=-1)  # [B, H, N, N]
     dp = torch.matmul(dow, vw.transpose(-1, -2))  # [B, H, N, N]
     ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale  # [B, H, N, N]
     grads = (torch.matmul(ds, kw), torch.matmul(ds.transpose(-1, -2), qw), torch.matmul(p.transpose(-1, -2), dow))
@@ -71,8 +71,11 @@ def qkv_attention_backward_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, ls
 
 
 def _precision(t: Tensor) -> str:
-    """tl.dot's input precision: exact fp32 products for fp32 inputs (no TF32)."""
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+    """The kernels' PRECISION: exact fp32 products for fp32 inputs (no TF32); bfloat16 products widened to fp32
+    under Triton's interpreter (its dot multiplies bfloat16 operands as raw bits)."""
+    if t.dtype == torch.float32:
+        return "ieee"
+    return "upcast" if t.dtype == torch.bfloat16 and t.device.type == "cpu" else "tf32"
 
 
 @kernel("qkv_attention")
@@ -83,7 +86,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     o = torch.empty((B, N, H * hd), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if lse.numel() == 0 or hd == 0:  # no rows, or rows of no columns: uniform attention over N keys
-        return o, lse.fill_(math.log(N) if N else 0.0)
+        return o, lse.fill_(math.log2(N) if N else 0.0)
     t = _k.forward_tiles(N, hd)
     o4 = o.view(B, N, H, hd)
     launch(_k.qkv_attention_fwd_kernel)[(B * H * t.blocks,)](
@@ -98,7 +101,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
               need_bias: bool) -> tuple[Tensor, Tensor]:
     """do, o [B, H, N, hd] (any strides) -> (dqkv [B*N, 3*H*hd], dbias [3*H*hd] fp32 or empty). The torch
-    path takes delta = rowsum(P * dP) and does not read o."""
+    path recomputes P with a softmax and takes delta = rowsum(P * dP): it reads neither o nor lse."""
     if not use_triton(q):
         return qkv_attention_backward_torch(do, q, k, v, lse, scale, need_bias)
     B, H, N, hd = q.shape
