@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
 from mae_fast.kernels import qkv_attention as _k
@@ -75,7 +76,8 @@ def _precision(t: Tensor) -> str:
     under Triton's interpreter (its dot multiplies bfloat16 operands as raw bits)."""
     if t.dtype == torch.float32:
         return "ieee"
-    return "upcast" if t.dtype == torch.bfloat16 and t.device.type == "cpu" else "tf32"
+    interpreted = t.device.type == "cpu" and not is_fake(t)  # fake CPU tensors stand for CUDA ones in tools
+    return "upcast" if t.dtype == torch.bfloat16 and interpreted else "tf32"
 
 
 @kernel("qkv_attention")

@@ -265,6 +265,21 @@ def test_backend_mae_fast_refuses_dropout():
     assert entry["rejected"]["mae_fast"].startswith("unavailable: ValueError: attn_backend='mae_fast' has no dropout")
 
 
+def test_attention_module_on_mae_fast():
+    """nn.Attention with attn_backend="mae_fast" equals the math backend; with a mask it is refused."""
+    from mae_fast.nn.layers import Attention
+
+    torch.manual_seed(0)
+    m = Attention(24, num_heads=3, qkv_bias=True, attn_backend="mae_fast")
+    x = randn(2, 9, 24)
+    out = m(x)
+    m.attn_backend = "math"
+    assert rel_err(out, m(x)) < 1e-5
+    m.attn_backend = "mae_fast"
+    with pytest.raises(ValueError, match="attn_mask / is_causal are not supported with attn_backend='mae_fast'"):
+        m(x, is_causal=True)
+
+
 def test_backend_mae_fast_is_an_auto_candidate_on_cuda_only():
     assert "mae_fast" in A.candidates(torch.device("cuda")) and "mae_fast" in A.BACKENDS
     assert "mae_fast" not in A.candidates(torch.device("cpu"))
