@@ -14,13 +14,15 @@ Backward (delta = rowsum(o * do), the same in every program that needs it, compu
     program also writes the fp32 column sums of its dq / dk / dv rows (the qkv bias gradient's partial sums,
     [NB, B, 3, H, hd], added in a fixed order by the caller).
 Softmax statistics, accumulators and sums are fp32; the products P V, dO V^T, P^T dO, dS^T Q, dS K take P and
-dS in the input dtype, as FlashAttention does (fp32 inputs: ``PRECISION`` "ieee", exact fp32 products).
+dS in the input dtype, as FlashAttention does (``PRECISION``: "tf32" for 16-bit inputs, where it is ignored;
+"ieee" for fp32, exact fp32 products; "upcast" under Triton's interpreter with bf16, see :func:`_dot`).
 Head dims are padded to a power of two (>= 16) with masked loads; offsets are int64.
 """
 from typing import NamedTuple
 
 import triton
 import triton.language as tl
+
 
 class AttentionTiles(NamedTuple):
     """Tile sizes of one launch: query rows (block_m) x key rows (block_n) x padded head dim (block_d);
@@ -40,8 +42,8 @@ def _block_d(hd: int) -> int:
 
 def forward_tiles(N: int, hd: int) -> AttentionTiles:
     """Up to 64 tokens at head dims up to 128: one query block and one key block (a 50-token encoder is one
-    64 x 64 tile). Otherwise 64-row query blocks (32 beyond head dim 128) against 64-key blocks (32 from head
-    dim 128, 16 beyond)."""
+    64 x 64 tile). Otherwise 64-row query blocks against key blocks of 64 (head dims up to 64), 32 (65-128)
+    or 16, and 32-row query blocks beyond head dim 128."""
     bd = _block_d(hd)
     if N <= 64 and bd <= 128:
         bm = bn = max(16, triton.next_power_of_2(max(N, 1)))
@@ -53,10 +55,11 @@ def forward_tiles(N: int, hd: int) -> AttentionTiles:
 
 def backward_tiles(N: int, hd: int) -> AttentionTiles:
     """WHOLE while all queries of a (b, h) fit one tile of at most 8192 elements (N <= 256 at head dim 32,
-    128 at 64, 64 at 72-128), walking the keys 32 at a time (16 from head dim 128): the decoder's 197 tokens
+    128 at 64, 64 at 65-128), walking the keys 32 at a time (16 beyond head dim 64): the decoder's 197 tokens
     at head dim 32 are one program per (b, h), and so is a 50-token encoder at head dim 64. Beyond: blocked,
-    64 x 64 tiles (32 x 32 from head dim 128, 16 x 16 beyond 256). Sizes and warps: no register spills for
-    sm_90 at these (scripts/triton_check.py)."""
+    64 x 64 tiles (32 x 32 beyond head dim 64, 16 x 16 beyond 256). No register spills for sm_90 at these
+    sizes and warps (scripts/triton_check.py); GPU timings may move them (bench/bench_qkv_attention.py
+    --sweep)."""
     bd = _block_d(hd)
     bq = max(16, triton.next_power_of_2(max(N, 1)))
     if bq * bd <= 8192:
@@ -72,8 +75,10 @@ def _dot(a, b, PRECISION: tl.constexpr):
     inputs); "upcast": 16-bit operands widened to fp32 first (exact, the same products), for Triton's
     interpreter, which multiplies bfloat16 operands as their raw bits."""
     if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -84,8 +89,10 @@ def _operand(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
     if PRECISION == "upcast":
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+        out = bits.to(tl.float32, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
 
 
 @triton.jit

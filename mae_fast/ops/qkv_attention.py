@@ -82,6 +82,8 @@ def _precision(t: Tensor) -> str:
 
 @kernel("qkv_attention")
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q, k, v [B, H, N, hd] (any strides) -> (o [B, N, H*hd] in q's dtype, lse [B, H, N] fp32: the base-2
+    log-sum-exp of each row of q k^T * scale * log2(e), which the backward reads)."""
     if not use_triton(q):
         return qkv_attention_torch(q, k, v, scale)
     B, H, N, hd = q.shape
@@ -101,7 +103,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
 
 @kernel("qkv_attention_backward")
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
-              need_bias: bool) -> tuple[Tensor, Tensor]:
+                       need_bias: bool) -> tuple[Tensor, Tensor]:
     """do, o [B, H, N, hd] (any strides) -> (dqkv [B*N, 3*H*hd], dbias [3*H*hd] fp32 or empty). The torch
     path recomputes P with a softmax and takes delta = rowsum(P * dP): it reads neither o nor lse."""
     if not use_triton(q):
