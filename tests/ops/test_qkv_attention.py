@@ -158,6 +158,22 @@ def test_registered_ops_and_their_flops(record_ops):
     assert fc.get_total_flops() == 3.5 * fwd
 
 
+def test_zero_output_gradient_and_meta_tensors(each_path):
+    """A zero output gradient (what a compiled graph hands a backward for an unused output) gives zero
+    gradients; on meta tensors the op runs forward and backward on shapes alone."""
+    B, H, N, hd = 2, 2, 9, 16
+    (qkv,), _ = case(B, H, N, hd, seed=31)
+    q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+    o, lse = torch.ops.mae_fast.qkv_attention(q, k, v, 0.25)
+    do = torch.zeros(B, H, N, hd)
+    dqkv, dbias = torch.ops.mae_fast.qkv_attention_backward(do, q, k, v, o.view(B, N, H, hd).transpose(1, 2), lse,
+                                                            0.25, True)
+    assert dqkv.shape == (B * N, 3 * H * hd) and not dqkv.any() and not dbias.any()
+    x = torch.empty(B, N, 3 * H * hd, device="meta", requires_grad=True)
+    qkv_attention(x, H).sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_empty_sizes(path):
     """No samples, no tokens, or head dim 0: empty outputs and gradients of the right shapes (nothing to
