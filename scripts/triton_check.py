@@ -2,7 +2,8 @@
 
 Each op runs once (forward and backward, fp32 and bf16, with and without its optional inputs) through
 Triton's interpreter on the CPU (in a subprocess), and so does one training step of the ViT-B/16 and
-ViT-L/16 fast models at batch 256 on fake tensors (the launch configurations of a real run); every launch
+ViT-L/16 fast models at batch 256 on fake tensors (the launch configurations of a real run), and so do the
+attention kernels at the MAE shapes; every launch
 is recorded: its argument types, constexprs, num_warps and num_stages, and which arguments Triton's launcher
 would mark divisible by 16 (16-byte aligned tensors, integers that are multiples of 16: the hints that
 let loads vectorise). The MLP's GEMMs run at the ViT-B/16 and ViT-L/16 shapes on fake tensors too. Each
@@ -70,6 +71,28 @@ def workload():
                 out = ops.self_attention(s.clone().requires_grad_(True), randn(3 * D, D).requires_grad_(True),
                                          bias, 3, backend="math")
             out.float().sum().backward()
+        for bias in (randn(3 * D).requires_grad_(True), None):  # the attention kernels on the packed qkv
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == torch.bfloat16):
+                out = ops.self_attention(s.clone().requires_grad_(True), randn(3 * D, D).requires_grad_(True),
+                                         bias, 3, backend="mae_fast")
+            out.float().sum().backward()
+        for n, hd in ((1, 32), (50, 64), (70, 32), (65, 80), (33, 72), (40, 128)):  # whole and blocked tiles
+            ops.qkv_attention(randn(1, n, 3 * 2 * hd, dtype=dt).requires_grad_(True), 2).float().sum().backward()
+
+
+def attention_steps():
+    """The attention kernels at the MAE shapes, batch 256, bf16, forward and backward with the qkv bias
+    gradient, on fake tensors: ViT-B/L/H encoders at mask ratio 0.75 (1 + 49 and 1 + 64 tokens, head dims 64
+    and 80), the decoder (1 + 196 tokens, head dim 32), ViT-B without masking (197 tokens, head dim 64)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mae_fast.ops.qkv_attention import attention_backward, attention_forward, heads, split_heads
+
+    for H, N, hd in ((12, 50, 64), (16, 50, 64), (16, 65, 80), (16, 197, 32), (12, 197, 64)):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            qkv = torch.empty(256, N, 3 * H * hd, dtype=torch.bfloat16)
+            o, lse = attention_forward(*split_heads(qkv, H), hd ** -0.5)
+            attention_backward(heads(o, H), *split_heads(qkv, H), heads(o, H), lse, hd ** -0.5, True)
 
 
 def _divisible_by_16(value) -> bool:
@@ -183,7 +206,7 @@ def record() -> None:
     seen = set()
     # (spills counted, launches run, workload): fake-tensor workloads are recorded, not run
     for real, execute, run in ((False, True, workload), (False, False, mlp_odd_shapes), (True, False, model_steps),
-                               (True, False, mlp_steps)):
+                               (True, False, mlp_steps), (True, False, attention_steps)):
         with observe_launches(run=execute) as launches:
             run()
         for kernel, _grid, largs, lkwargs in launches:

@@ -28,7 +28,7 @@ class Attention(nn.Module):
     ``qk_scale`` (older timm: the logit scale, default head_dim**-0.5) and ``attn_backend``.
     ``forward(x, attn_mask=None, is_causal=False)``: with a mask or ``is_causal`` the attention is
     ``F.scaled_dot_product_attention`` with that mask (an SDPA ``attn_backend`` is kept; "auto" lets
-    SDPA choose; "xformers" is refused).
+    SDPA choose; "xformers" and "mae_fast" are refused).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None,
@@ -85,8 +85,8 @@ class Attention(nn.Module):
 def _masked_attention(q, k, v, backend: Optional[str], attn_mask, is_causal: bool, dropout_p: float, scale: float):
     """SDPA with a mask or causal flag (as timm's fused path), under the named SDPA backend if one is set."""
     name = backend if backend is not None else get_attn_backend()
-    if name == "xformers":
-        raise ValueError("attn_mask / is_causal are not supported with attn_backend='xformers'; "
+    if name in ("xformers", "mae_fast"):
+        raise ValueError(f"attn_mask / is_causal are not supported with attn_backend={name!r}; "
                          "use an SDPA backend or 'auto'")
     sdpa = partial(F.scaled_dot_product_attention, q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                    is_causal=is_causal, scale=scale)

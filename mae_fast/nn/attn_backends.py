@@ -1,4 +1,5 @@
-"""Attention with a selectable backend: SDPA's flash / cuDNN / efficient / math kernels, or xformers.
+"""Attention with a selectable backend: SDPA's flash / cuDNN / efficient / math kernels, xformers, or
+mae_fast's own kernels for short sequences (``"mae_fast"``: :mod:`mae_fast.ops.qkv_attention`, no dropout).
 
 ``attn_backend`` is chosen per module (``Attention(..., attn_backend="flash")``) or globally
 (:func:`set_attn_backend`); ``None`` on a module means "use the global setting", whose default is
@@ -35,14 +36,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import timing
 
 
-BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "xformers")
+BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "xformers", "mae_fast")
 _SDPA = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-_CPU_BACKENDS = ("auto", "flash", "math")
+_CPU_BACKENDS = ("auto", "flash", "math", "mae_fast")
 SDPA_DEFAULT = "sdpa"  # the name "auto" records when it leaves the choice to SDPA's own dispatch
 
 # a backend is "correct" when its relative error (norm) against fp32 math stays under this
@@ -137,10 +138,11 @@ def auto_backend(q: torch.Tensor) -> Optional[str]:
 
 
 def candidates(device: torch.device) -> List[str]:
-    """The backends "auto" tries on ``device`` (math last: the slowest, but it always runs)."""
+    """The backends "auto" tries on ``device`` (math last: the slowest, but it always runs). mae_fast's
+    kernels only on CUDA (on the CPU they are Triton's interpreter or their torch path, never the fastest)."""
     if torch.device(device).type == "cpu":
         return ["flash", "math"]
-    names = ["flash", "cudnn", "efficient"]
+    names = ["flash", "cudnn", "efficient", "mae_fast"]
     if _xformers_available():
         names.append("xformers")
     return names + ["math"]
@@ -153,6 +155,11 @@ def _run(name: str, q, k, v, dropout_p: float, scale: Optional[float]) -> torch.
     xops = _xformers_ops() if name == "xformers" else None  # a missing package is said first
     if q.device.type == "cpu" and name not in _CPU_BACKENDS:
         raise ValueError(f"attn_backend={name!r} is not available on CPU; use one of {_CPU_BACKENDS}")
+    if name == "mae_fast":
+        from ..ops.qkv_attention import attention as fast_attention, check_no_dropout
+
+        check_no_dropout(dropout_p)
+        return fast_attention(q, k, v, scale)
     if xops is not None:
         out = xops.memory_efficient_attention(  # xformers takes [B, N, H, hd]
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=dropout_p, scale=scale
@@ -293,10 +300,15 @@ def _auto(q, k, v, dropout_p: float, scale: Optional[float]) -> str:
     return entry["backend"]
 
 
+def resolve_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None,
+                    dropout_p: float = 0.0, scale: Optional[float] = None) -> str:
+    """The backend :func:`attention` runs for these arguments: a name from BACKENDS other than "auto" (what
+    "auto" chose, measuring the shape first if it is new), or SDPA_DEFAULT."""
+    name = _check_name(backend if backend is not None else _global_backend)
+    return _auto(q, k, v, dropout_p, scale) if name == "auto" else name
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Optional[str] = None,
               dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for q, k, v [B, H, N, hd] through the chosen backend -> [B, H, N, hd]."""
-    name = _check_name(backend if backend is not None else _global_backend)
-    if name == "auto":
-        name = _auto(q, k, v, dropout_p, scale)
-    return _run(name, q, k, v, dropout_p, scale)
+    return _run(resolve_backend(q, k, v, backend, dropout_p, scale), q, k, v, dropout_p, scale)

@@ -7,6 +7,8 @@ qkv = x @ qkv_weight^T + qkv_bias [B, N, 3*D] (q, k, v heads in timm's layout), 
 through ``mae_fast.nn.attn_backends`` (``backend``: "auto", "flash", "cudnn", ...; None: the global setting),
 returned as [B, N, D]. The GEMMs follow :func:`mae_fast.ops.linear` (autocast dtype, fp32 weight gradient).
 Kernel: ``kernels/self_attention.py`` (the packed gradient); plain torch path: :func:`pack_qkv_grad_torch`.
+When the backend is "mae_fast" (named, or chosen by "auto") the attention is :mod:`mae_fast.ops.qkv_attention`'s
+kernels on the packed qkv, whose backward writes dqkv and the qkv bias gradient itself (no pack step).
 """
 from typing import Optional
 
@@ -23,6 +25,7 @@ from ._tensors import autocast_off, wide
 from ._triton import launch
 from .paths import use_triton
 from .linear import compute_dtype, mm_out
+from .qkv_attention import attention_backward, attention_forward, check_no_dropout, check_scale, heads, split_heads
 
 __all__ = ["self_attention", "pack_qkv_grad_torch"]
 
@@ -56,7 +59,7 @@ def _pack(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool) -> tuple[Tensor, 
 class _SelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_heads, scale, dropout_p, backend, dtype):
-        from ..nn.attn_backends import attention  # the backend choice (and "auto"'s measurement) lives there
+        from ..nn.attn_backends import _run, resolve_backend  # the backend choice ("auto" measures) lives there
 
         B, N, C = x.shape
         hd = C // num_heads
@@ -67,23 +70,43 @@ class _SelfAttention(torch.autograd.Function):
             with torch.enable_grad():  # a graph of its own: the attention backend's backward, run in ours
                 leaf = qkv.detach().requires_grad_(True)
                 q, k, v = leaf.view(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd]
-                o = attention(q, k, v, backend=backend, dropout_p=dropout_p, scale=scale)  # [B, H, N, hd]
-        ctx.save_for_backward(x2, w, q, k, v, o)  # q, k, v, o carry the attention's own graph
+                name = resolve_backend(q, k, v, backend, dropout_p, scale)
+                if name != "mae_fast":
+                    o = _run(name, q, k, v, dropout_p, scale)  # [B, H, N, hd]
+            if name == "mae_fast":  # the packed qkv in, the packed gradient out: no graph of its own
+                check_no_dropout(dropout_p)
+                scale = check_scale(scale, hd)
+                q, k, v = split_heads(qkv.view(B, N, 3 * C), num_heads)  # [B, H, N, hd] views
+                o, lse = attention_forward(q, k, v, scale)  # [B, N, C], [B, H, N]
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.fast = (num_heads, scale) if name == "mae_fast" else None
+        if ctx.fast is not None:
+            ctx.save_for_backward(x2, w, qkv, o, lse)
+            return o
+        ctx.save_for_backward(x2, w, q, k, v, o)  # q, k, v, o carry the attention's own graph
         return o.detach().transpose(1, 2).reshape(B, N, C)  # [B, N, C]
 
     @staticmethod
     @once_differentiable("self_attention")
     def backward(ctx, dout):
-        x2, w, q, k, v, o = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        B, H, N, hd = q.shape
+        need_bias = bool(need_b and b_dtype is not None)
         with autocast_off(dout):
-            do = dout.to(o.dtype).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
-            # kept for another backward as long as this node keeps o (retain_graph), freed with it otherwise
-            dq, dk, dv = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
-            dqkv, dbias = _pack(dq, dk, dv, bool(need_b and b_dtype is not None))  # [B*N, 3C], [3C]
+            if ctx.fast is not None:  # dqkv and the bias gradient straight from the attention's backward
+                x2, w, qkv, o, lse = ctx.saved_tensors
+                H, scale = ctx.fast
+                B, N, C = o.shape
+                q, k, v = split_heads(qkv.view(B, N, 3 * C), H)  # [B, H, N, hd] views
+                dqkv, dbias = attention_backward(heads(dout.to(o.dtype), H), q, k, v, heads(o, H),
+                                                       lse, scale, need_bias)  # [B*N, 3C], [3C]
+            else:
+                x2, w, q, k, v, o = ctx.saved_tensors
+                B, H, N, hd = q.shape
+                do = dout.to(o.dtype).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+                # kept for another backward as long as this node keeps o (retain_graph), freed with it otherwise
+                dq, dk, dv = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+                dqkv, dbias = _pack(dq, dk, dv, need_bias)  # [B*N, 3C], [3C]
             dx = torch.mm(dqkv, w).to(x_dtype).view(x_shape) if need_x else None
             dw = mm_out(dqkv.t(), x2, w_dtype) if need_w else None
         return dx, dw, dbias.to(b_dtype) if need_b and b_dtype is not None else None, None, None, None, None, None
