@@ -15,6 +15,7 @@ from .gather_tokens import gather_tokens
 from .norm_pix_loss import norm_pix_loss
 from .linear import linear
 from .random_masking import Masking, random_masking
+from .resized_crop import resized_crop
 from .residual_add import residual_add
 from .self_attention import self_attention
 from .unshuffle_tokens import unshuffle_tokens
@@ -23,5 +24,5 @@ from .unshuffle_tokens import unshuffle_tokens
 _sys.modules[__name__ + ".loss"] = _norm_pix_loss_module
 
 __all__ = ["Masking", "PATHS", "add_layer_norm", "bias_gelu", "gather_patches", "gather_tokens", "get_path", "linear",
-           "norm_pix_loss", "path", "random_masking", "residual_add", "self_attention", "set_path",
+           "norm_pix_loss", "path", "random_masking", "residual_add", "resized_crop", "self_attention", "set_path",
            "unshuffle_tokens"]

@@ -203,6 +203,10 @@ def add_pretrain_parser(sub) -> None:
     p.add_argument("--workers", type=_nonneg_int("--workers"),
                    help="data loading processes (default: half the cores less one, at most 8; 0 loads in the "
                    "training process)")
+    p.add_argument("--loader", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="gpu: the workers only read files, nvJPEG decodes on the GPU and one kernel crops, resizes, "
+                   "flips and normalises the batch (needs torchvision); cpu: Pillow does it all in the workers; "
+                   "auto: gpu on CUDA, cpu elsewhere. Both give the same samples")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, masks and data order")
     p.add_argument("--log-every", type=_positive_int("--log-every"), default=10, help="steps per log line")
     p.add_argument("--save-every", type=_nonneg_int("--save-every"),
