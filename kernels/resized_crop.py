@@ -5,16 +5,18 @@ bottom): crop the box, resize it to S x S with Pillow's antialiased bicubic filt
 shrinking by s > 1 the filter is stretched by s, so it spans 4 s input pixels), flip left-right when
 ``flips[n]``, and write (level / 255 - mean[c]) / std[c] into out [N, 3, S, S] (out's dtype).
 
-The resize is Pillow's ``Image.resize(..., BICUBIC, box=...)`` in fp32: the horizontal pass rounded half up
-and clipped to an 8-bit level (Pillow keeps it as uint8), then the vertical pass, rounded and clipped the
-same way. Taps reach outside the box where the image has pixels, clipped at the image's border, and
-each output pixel's weights are normalised by their sum, as Pillow does.
+The resize is Pillow's ``Image.resize(..., BICUBIC, box=...)`` in fp32: two separable passes, the first
+rounded half up and clipped to an 8-bit level (Pillow keeps it as uint8), the second rounded and clipped
+the same way. Taps reach outside the box where the image has pixels, clipped at the image's border, and
+each output pixel's weights are normalised by their sum, as Pillow does. The horizontal pass comes first,
+except where Pillow 13 and later take the vertical one first (``VERTICAL_FIRST``: when S < H and
+H - S > 2 (W - S)).
 Programs: (image x channel, block of BLOCK_Y output rows, block of BLOCK_X output columns). A program walks
-the input rows its output rows need; for each it resamples the row horizontally at its BLOCK_X columns
-(taps BLOCK_K at a time) and adds it, weighted, into every output row whose window holds it. Addresses
-are int64 (a batch of large images passes 2**31 bytes). An image whose metadata is out of range (sides
-outside [1, max_side], a box not inside the image, planes not inside the ``total`` bytes) reads nothing and
-comes out NaN.
+the input lines (rows, or columns when the vertical pass is first) its outputs need; for each it resamples
+the line at its outputs of the first pass (taps BLOCK_K at a time) and adds it, weighted, into every
+output whose window holds it. Addresses are int64 (a batch of large images passes 2**31 bytes). An image
+whose metadata is out of range (sides outside [1, max_side], a box not inside the image, planes not
+inside the ``total`` bytes) reads nothing and comes out NaN.
 """
 import triton
 import triton.language as tl
@@ -44,9 +46,51 @@ def _axis(o, lo, hi, extent, S):
 
 
 @triton.jit
+def _round_level(v):
+    """Pillow's clip8: round half up, clip to [0, 255]."""
+    return tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 255.0)
+
+
+@triton.jit
+def _two_passes(plane, stride_a, stride_b, fa, na, ca, ia, fb, nb, cb, ib,
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pillow's resize at BLOCK_B x BLOCK_A outputs, first along axis a (input step ``stride_a``), then along
+    axis b (input step ``stride_b``; one of the two is 1, the other the image's int64 width). Per output position of an axis: first tap f, number of taps n (0 for
+    positions outside the output), centre c; i: 1 / the filter's stretch. Returns 8-bit levels [BLOCK_B, BLOCK_A]."""
+    ks = tl.arange(0, BLOCK_K)
+    ka = tl.max(na, axis=0)
+    wsum_a = tl.zeros([BLOCK_A], dtype=tl.float32)  # each output's sum of first-pass weights
+    for k0 in range(0, ka, BLOCK_K):
+        k = k0 + ks
+        w = _bicubic(((fa[:, None] + k[None, :]).to(tl.float32) - ca[:, None] + 0.5) * ia)  # [BA, BK]
+        wsum_a += tl.sum(tl.where(k[None, :] < na[:, None], w, 0.0), axis=1)
+    wsum_a = tl.where(wsum_a != 0.0, wsum_a, 1.0)
+    line_lo = tl.min(tl.where(nb > 0, fb, 2147483647), axis=0)
+    line_hi = tl.max(tl.where(nb > 0, fb + nb, 0), axis=0)
+    acc = tl.zeros([BLOCK_B, BLOCK_A], dtype=tl.float32)
+    wsum_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for r in range(line_lo, line_hi):  # the input lines the second pass reads
+        line = plane + r * stride_b  # strides are int64
+        h = tl.zeros([BLOCK_A], dtype=tl.float32)
+        for k0 in range(0, ka, BLOCK_K):
+            k = k0 + ks
+            on = k[None, :] < na[:, None]
+            taps = fa[:, None] + k[None, :]  # [BA, BK] input positions along a
+            w = _bicubic((taps.to(tl.float32) - ca[:, None] + 0.5) * ia)
+            p = tl.load(line + taps * stride_a, mask=on, other=0).to(tl.float32)
+            h += tl.sum(tl.where(on, w * p, 0.0), axis=1)
+        h = _round_level(h / wsum_a)  # [BA]: Pillow's 8-bit intermediate
+        wb = _bicubic((r - cb + 0.5) * ib)
+        wb = tl.where((r >= fb) & (r < fb + nb), wb, 0.0)  # [BB]
+        acc += wb[:, None] * h[None, :]
+        wsum_b += wb
+    return _round_level(acc / tl.where(wsum_b != 0.0, wsum_b, 1.0)[:, None])
+
+
+@triton.jit
 def resized_crop_kernel(
     src_ptr, offsets_ptr, shapes_ptr, boxes_ptr, flips_ptr, stats_ptr, out_ptr, S, total, max_side,
-    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
+    VERTICAL_FIRST: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // 3
@@ -72,45 +116,18 @@ def resized_crop_kernel(
     x_ok = xs < S
     col = tl.where(flip, S - 1 - xs, xs)  # the column of the unflipped resize
     cx, fx, nx, ix = _axis(col, left, right, W, S)
-    nx = tl.where(x_ok, nx, 0)
-    kx = tl.where(ok, tl.max(nx, axis=0), 0)
+    nx = tl.where(x_ok & ok, nx, 0)
     ys = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)  # output rows [BY]
     y_ok = ys < S
     cy, fy, ny, iy = _axis(ys, top, bottom, H, S)
-    ny = tl.where(y_ok, ny, 0)
-    row_lo = tl.min(tl.where(y_ok, fy, 2147483647), axis=0)
-    row_hi = tl.where(ok, tl.max(tl.where(y_ok, fy + ny, 0), axis=0), row_lo)
-
-    ks = tl.arange(0, BLOCK_K)
-    wsum_x = tl.zeros([BLOCK_X], dtype=tl.float32)  # each column's sum of horizontal weights
-    for k0 in range(0, kx, BLOCK_K):
-        k = k0 + ks
-        on = k[None, :] < nx[:, None]  # [BX, BK]
-        w = _bicubic(((fx[:, None] + k[None, :]).to(tl.float32) - cx[:, None] + 0.5) * ix)
-        wsum_x += tl.sum(tl.where(on, w, 0.0), axis=1)
-    wsum_x = tl.where(x_ok, wsum_x, 1.0)
+    ny = tl.where(y_ok & ok, ny, 0)
 
     plane = src_ptr + base + c.to(tl.int64) * H * W
-    acc = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
-    wsum_y = tl.zeros([BLOCK_Y], dtype=tl.float32)
-    for r in range(row_lo, row_hi):
-        row = plane + r * W  # W is int64
-        h = tl.zeros([BLOCK_X], dtype=tl.float32)
-        for k0 in range(0, kx, BLOCK_K):
-            k = k0 + ks
-            on = k[None, :] < nx[:, None]
-            taps = fx[:, None] + k[None, :]  # [BX, BK] input columns
-            w = _bicubic((taps.to(tl.float32) - cx[:, None] + 0.5) * ix)
-            p = tl.load(row + taps, mask=on, other=0).to(tl.float32)
-            h += tl.sum(tl.where(on, w * p, 0.0), axis=1)
-        h = tl.minimum(tl.maximum(tl.floor(h / wsum_x + 0.5), 0.0), 255.0)  # Pillow's 8-bit intermediate
-        wy = _bicubic((r - cy + 0.5) * iy)
-        wy = tl.where((r >= fy) & (r < fy + ny), wy, 0.0)  # [BY]
-        acc += wy[:, None] * h[None, :]
-        wsum_y += wy
-
-    level = acc / tl.where(y_ok, wsum_y, 1.0)[:, None]
-    level = tl.minimum(tl.maximum(tl.floor(level + 0.5), 0.0), 255.0)  # [BY, BX]
+    vertical_first = (S < H) & (H - S > 2 * (W - S)) & VERTICAL_FIRST
+    if vertical_first:  # lines are columns: down the rows first
+        level = tl.trans(_two_passes(plane, W, 1, fy, ny, cy, iy, fx, nx, cx, ix, BLOCK_Y, BLOCK_X, BLOCK_K))
+    else:  # lines are rows: along the columns first
+        level = _two_passes(plane, 1, W, fx, nx, cx, ix, fy, ny, cy, iy, BLOCK_X, BLOCK_Y, BLOCK_K)  # [BY, BX]
     value = tl.math.div_rn(tl.math.div_rn(level, 255.0) - mean, std)  # IEEE division, as the CPU path
     value = tl.where(ok, value, float("nan"))
     dst = out_ptr + (n.to(tl.int64) * 3 + c) * S * S + ys[:, None].to(tl.int64) * S + xs[None, :]

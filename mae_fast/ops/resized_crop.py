@@ -4,11 +4,12 @@
 planes [3, H, W] (``shapes[n] = (H, W)``) stored contiguously from ``pixels[offsets[n]]`` of a flat uint8
 buffer (:func:`pack_images` makes one from a list). Its box ``boxes[n] = (left, top, right, bottom)`` is
 resized to size x size with Pillow's antialiased bicubic filter (what ``Image.resize(size, BICUBIC,
-box=box)`` does, rounded to 8-bit levels), flipped left-right where ``flips[n]``, and normalised:
+box=box)`` does, in the installed Pillow's order of passes: :func:`vertical_first`), flipped left-right where
+``flips[n]``, and normalised:
 out [N, 3, size, size] = (level / 255 - mean[c]) / std[c] in ``dtype`` (fp32, bf16 or fp16).
-Not differentiable (the input is 8-bit data). Kernel: ``kernels/resized_crop.py``; plain torch path:
-:func:`resized_crop_torch` (float64). The two agree to one 8-bit level (docs/PRETRAIN.md gives the
-measured agreement with Pillow).
+Not differentiable (the input is 8-bit data). Kernel: ``kernels/resized_crop.py`` (fp32); plain torch path:
+:func:`resized_crop_torch` (Pillow's integer arithmetic, so its levels are Pillow's). The kernel agrees with it
+to one 8-bit level, on a few values in ten thousand (docs/PRETRAIN.md gives the measurements).
 
 Metadata that does not describe an image inside ``pixels`` (a box outside its image, an offset past the
 buffer) is an error when the checks run (CPU tensors, or ``check=True``; ``MAE_FAST_CHECK_INDICES=1``);
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import PIL
 import torch
 from torch import Tensor
 
@@ -32,6 +34,8 @@ __all__ = ["resized_crop", "resized_crop_torch", "pack_images", "OUT_DTYPES"]
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_SIDE = 1 << 24  # image sides beyond this are refused (fp32 coordinates stay exact to a pixel)
 BLOCK_Y, BLOCK_X, BLOCK_K = 8, 128, 8
+PRECISION_BITS = 22  # Pillow's fixed-point weights of an 8-bit resize (32 - 8 - 2)
+VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13  # the installed Pillow's order of the two passes
 
 
 def _valid_images(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor) -> Tensor:
@@ -53,8 +57,9 @@ def _bicubic(t: Tensor) -> Tensor:
 
 
 def _taps(lo: int, hi: int, extent: int, size: int, device) -> Tuple[Tensor, Tensor]:
-    """One axis of Pillow's resize, in float64: (first input index [size, K], normalised weights [size, K]);
-    taps past an output pixel's window have weight 0 and a valid index."""
+    """One axis of Pillow's resize: (input index [size, K], fixed-point weights [size, K] int64, scaled by
+    2**22). Pillow's precompute_coeffs and normalize_coeffs_8bpc, operation for operation in float64; taps
+    past an output pixel's window weigh 0 (their index stays valid)."""
     scale = (hi - lo) / size
     stretch = max(scale, 1.0)
     support = 2.0 * stretch
@@ -64,28 +69,48 @@ def _taps(lo: int, hi: int, extent: int, size: int, device) -> Tuple[Tensor, Ten
     K = 2 * math.ceil(support) + 1
     idx = first[:, None] + torch.arange(K, dtype=torch.float64, device=device)  # [size, K]
     w = _bicubic((idx - center[:, None] + 0.5) * (1.0 / stretch)) * (idx < last[:, None])
-    w = w / w.sum(1, keepdim=True)
-    return idx.clamp(max=extent - 1).long(), w
+    total = w.cumsum(1)[:, -1:]  # summed in tap order, as Pillow
+    w = w / torch.where(total != 0, total, torch.ones_like(total))
+    fixed = torch.trunc(w * (1 << PRECISION_BITS) + torch.where(w < 0, -0.5, 0.5))  # C's (int) cast: toward 0
+    return idx.clamp(max=extent - 1).long(), fixed.long()
+
+
+def _round_levels(acc: Tensor) -> Tensor:
+    """A fixed-point sum -> 8-bit levels: add one half, shift, clip (Pillow's clip8)."""
+    return ((acc + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp(0, 255)
+
+
+def vertical_first(H: int, W: int, size: int) -> bool:
+    """Whether Pillow resizes an H x W image to size x size with the vertical pass first: Pillow 13 and later
+    do when the height shrinks by more than twice what the width does (S < H and H - S > 2 (W - S)); earlier
+    versions never. The two orders differ only in the rounding of the 8-bit intermediate."""
+    return VERTICAL_FIRST and size < H and H - size > 2 * (W - size)
 
 
 def _one_image(planes: Tensor, box: Sequence[int], size: int) -> Tensor:
-    """uint8 [3, H, W] and a box -> the resized box as float64 8-bit levels [3, size, size]."""
+    """uint8 [3, H, W] and a box -> the resized box, 8-bit levels as int64 [3, size, size]: exactly Pillow's
+    ``resize((size, size), BICUBIC, box=box)`` (two passes with an 8-bit intermediate, in Pillow's order)."""
     _, H, W = planes.shape
     left, top, right, bottom = box
     ix, wx = _taps(left, right, W, size, planes.device)  # [size, Kx]
     iy, wy = _taps(top, bottom, H, size, planes.device)  # [size, Ky]
+    if vertical_first(H, W, size):
+        cols = torch.unique(ix[wx != 0])  # the input columns the horizontal pass reads
+        img = planes[:, :, cols].long()  # [3, H, C]
+        v = _round_levels((img[:, iy, :] * wy[:, :, None]).sum(2))  # [3, size, C]: the 8-bit intermediate
+        at = torch.searchsorted(cols, ix).clamp(max=cols.numel() - 1)  # [size, Kx] columns of v
+        return _round_levels((v[:, :, at] * wx).sum(-1))  # [3, size, size]
     rows = torch.unique(iy[wy != 0])  # the input rows the vertical pass reads
-    img = planes[:, rows].double()  # [3, R, W]
-    h = torch.floor((img[:, :, ix] * wx).sum(-1) + 0.5).clamp(0, 255)  # [3, R, size]: Pillow's 8-bit intermediate
-    at = torch.searchsorted(rows, iy)  # [size, Ky] rows of h
-    v = (h[:, at.clamp(max=rows.numel() - 1)] * wy[:, :, None]).sum(2)  # [3, size, size]
-    return torch.floor(v + 0.5).clamp(0, 255)
+    img = planes[:, rows].long()  # [3, R, W]
+    h = _round_levels((img[:, :, ix] * wx).sum(-1))  # [3, R, size]: the 8-bit intermediate
+    at = torch.searchsorted(rows, iy).clamp(max=rows.numel() - 1)  # [size, Ky] rows of h (0-weight taps: any)
+    return _round_levels((h[:, at] * wy[:, :, None]).sum(2))  # [3, size, size]
 
 
 def resized_crop_torch(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor, flips: Tensor, size: int,
                        mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> Tensor:
-    """Plain torch path (the CPU path and the oracle): the resize in float64, then the normalisation in fp32
-    (as ``mae_fast.data.to_tensor``)."""
+    """Plain torch path (the CPU path and the oracle): Pillow's resize exactly (its float64 weights in 22-bit
+    fixed point, integer sums), then the normalisation in fp32 (as ``mae_fast.data.to_tensor``)."""
     N = offsets.shape[0]
     out = torch.empty((N, 3, size, size), dtype=dtype, device=pixels.device)
     valid = _valid_images(pixels, offsets, shapes, boxes).tolist()
@@ -117,7 +142,7 @@ def _resized_crop(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor
     block_x = min(BLOCK_X, max(16, 1 << (size - 1).bit_length()))
     launch(_k.resized_crop_kernel)[(3 * N, cdiv(size, BLOCK_Y), cdiv(size, block_x))](
         pixels, offsets, shapes, boxes, flips, stats, out, size, pixels.numel(), MAX_SIDE,
-        BLOCK_Y=BLOCK_Y, BLOCK_X=block_x, BLOCK_K=BLOCK_K, num_warps=4,
+        VERTICAL_FIRST=VERTICAL_FIRST, BLOCK_Y=BLOCK_Y, BLOCK_X=block_x, BLOCK_K=BLOCK_K, num_warps=4,
     )
     return out
 

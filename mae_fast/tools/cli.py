@@ -260,6 +260,8 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
     p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
                    help="peak TFLOP/s for MFU (default: a large matmul measured in the same run)")
+    p.add_argument("--data", metavar="DIR", help="also time the data loaders on the images in DIR ('sample': the "
+                   "bundled photographs) beside the training step of `mae-fast pretrain`, and say which bounds training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_bench)
 
@@ -427,12 +429,28 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_sizes("bench", cfg.model, cfg.img_size, cfg.patch_size, cfg.mask_ratio, **video)
     if cfg.variants and cfg.compile is not None:
         _fail("bench", "give either --variants or --compile/--no-compile, not both")
+    if args.data is not None:
+        return _bench_data(cfg, args)
     try:
         doc = bench.run(cfg, argv=getattr(args, "argv", None), progress=not args.no_progress)
     except bench.VariantUnavailable as e:
         _fail("bench", str(e))
     _emit(doc, bench.format_results(doc), args, bench._rank() == 0)
     bench.finish_distributed()  # under torchrun: wait for rank 0's files, then tear down together
+    return 0
+
+
+def _bench_data(cfg, args: argparse.Namespace) -> int:
+    from . import bench, data_bench
+
+    if bench._world_size() > 1:
+        _fail("bench", "--data times one process's loaders; run it without torchrun")
+    try:
+        doc = data_bench.run(cfg, None if args.data == "sample" else args.data, argv=getattr(args, "argv", None),
+                             progress=not args.no_progress)
+    except (ValueError, ImportError, FileNotFoundError, bench.VariantUnavailable) as e:
+        _fail("bench", f"--data: {e}")
+    _emit(doc, data_bench.format_results(doc), args)
     return 0
 
 
