@@ -89,8 +89,8 @@ def _two_passes(plane, stride_a, stride_b, fa, na, ca, ia, fb, nb, cb, ib,
 
 @triton.jit
 def resized_crop_kernel(
-    src_ptr, offsets_ptr, shapes_ptr, boxes_ptr, flips_ptr, stats_ptr, out_ptr, S, total, max_side,
-    VERTICAL_FIRST: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
+    src_ptr, offsets_ptr, shapes_ptr, boxes_ptr, flips_ptr, out_ptr, S, total, max_side, mean0, mean1, mean2,
+    std0, std1, std2, VERTICAL_FIRST: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // 3
@@ -103,8 +103,8 @@ def resized_crop_kernel(
     right = tl.load(boxes_ptr + 4 * n + 2)
     bottom = tl.load(boxes_ptr + 4 * n + 3)
     flip = tl.load(flips_ptr + n)
-    mean = tl.load(stats_ptr + c)
-    std = tl.load(stats_ptr + 3 + c)
+    mean = tl.where(c == 0, mean0, tl.where(c == 1, mean1, mean2))
+    std = tl.where(c == 0, std0, tl.where(c == 1, std1, std2))
     # metadata that does not describe a box inside an image inside the buffer: no reads, a NaN image
     Hc = tl.minimum(tl.maximum(H, 0), max_side)
     Wc = tl.minimum(tl.maximum(W, 0), max_side)

@@ -138,10 +138,9 @@ def _resized_crop(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor
     out = torch.empty((N, 3, size, size), dtype=dtype, device=pixels.device)  # [N, 3, S, S]
     if N == 0:
         return out
-    stats = torch.tensor([*mean, *std], dtype=torch.float32).to(pixels.device, non_blocking=True)  # [6]
     block_x = min(BLOCK_X, max(16, 1 << (size - 1).bit_length()))
     launch(_k.resized_crop_kernel)[(3 * N, cdiv(size, BLOCK_Y), cdiv(size, block_x))](
-        pixels, offsets, shapes, boxes, flips, stats, out, size, pixels.numel(), MAX_SIDE,
+        pixels, offsets, shapes, boxes, flips, out, size, pixels.numel(), MAX_SIDE, *mean, *std,  # fp32 scalars
         VERTICAL_FIRST=VERTICAL_FIRST, BLOCK_Y=BLOCK_Y, BLOCK_X=block_x, BLOCK_K=BLOCK_K, num_warps=4,
     )
     return out
