@@ -18,7 +18,8 @@ def normalize(levels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
         raise ValueError(f"levels must be [..., 3, H, W], got shape {list(levels.shape)}")
     mean = torch.tensor(IMAGENET_MEAN, device=levels.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=levels.device).view(3, 1, 1)
-    return ((levels.float() / 255 - mean) / std).to(dtype)
+    x = levels.float()  # a new tensor: the in-place steps below touch nothing of the caller's
+    return x.div_(255).sub_(mean).div_(std).to(dtype)
 
 
 def to_levels(im: Image.Image) -> torch.Tensor:
