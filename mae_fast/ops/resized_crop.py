@@ -9,7 +9,7 @@ box=box)`` does, in the installed Pillow's order of passes: :func:`vertical_firs
 out [N, 3, size, size] = (level / 255 - mean[c]) / std[c] in ``dtype`` (fp32, bf16 or fp16).
 Not differentiable (the input is 8-bit data). Kernel: ``kernels/resized_crop.py`` (fp32); plain torch path:
 :func:`resized_crop_torch` (Pillow's integer arithmetic, so its levels are Pillow's). The kernel agrees with it
-to one 8-bit level, on a few values in ten thousand (docs/PRETRAIN.md gives the measurements).
+to one 8-bit level, on a few values in a hundred thousand (docs/PRETRAIN.md gives the measurements).
 
 Metadata that does not describe an image inside ``pixels`` (a box outside its image, an offset past the
 buffer) is an error when the checks run (CPU tensors, or ``check=True``; ``MAE_FAST_CHECK_INDICES=1``);

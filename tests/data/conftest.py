@@ -20,6 +20,17 @@ def photo(k: int, size=(50, 38)) -> Image.Image:
     return data.load_rgb(data.sample_images()[k % 10]).resize(size, Image.Resampling.BICUBIC)
 
 
+def synthetic_photo(seed: int, size=(500, 375)) -> Image.Image:
+    """A photograph-like RGB image without scikit-image (the GPU machines may lack it): smooth random colour
+    fields with edges and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    a = np.asarray(coarse, dtype=np.float32)
+    a[: size[1] // 3] = a[: size[1] // 3] * 0.6 + 90  # an edge across the image
+    a += rng.normal(0, 6, a.shape)
+    return Image.fromarray(a.clip(0, 255).round().astype(np.uint8))
+
+
 def jpeg_bytes(im: Image.Image, **kwargs) -> bytes:
     b = io.BytesIO()
     im.save(b, "JPEG", quality=kwargs.pop("quality", 90), **kwargs)
@@ -62,6 +73,7 @@ def write_mixed_folder(folder, bad: bool = True):
 
 class Files:
     photo = staticmethod(photo)
+    synthetic_photo = staticmethod(synthetic_photo)
     jpeg_bytes = staticmethod(jpeg_bytes)
     bad_huffman = staticmethod(bad_huffman)
     write_mixed_folder = staticmethod(write_mixed_folder)

@@ -108,9 +108,12 @@ def test_gpu_loader_against_cpu_loader(tmp_path, files):
     """nvJPEG + the kernel on CUDA: the same images, boxes and flips as the CPU loader; pixels within the two JPEG
     decoders' difference (nvJPEG and libjpeg-turbo: torchvision's own test allows a mean of 2 levels), and exactly
     the CPU loader's where the workers decoded (CMYK, PNG)."""
-    files.write_mixed_folder(tmp_path / "imgs", bad=False)
+    (tmp_path / "imgs").mkdir()
     for k in range(16):
-        (tmp_path / "imgs" / f"z_{k:02d}.jpg").write_bytes(files.jpeg_bytes(files.photo(k, (500, 375))))
+        im = files.synthetic_photo(k, (500, 375) if k % 3 else (333, 500))  # 333x500: the vertical pass first
+        (tmp_path / "imgs" / f"z_{k:02d}.jpg").write_bytes(files.jpeg_bytes(im, progressive=k == 5))
+    files.synthetic_photo(16).convert("CMYK").save(tmp_path / "imgs" / "cmyk.jpg")
+    files.synthetic_photo(17, (300, 200)).save(tmp_path / "imgs" / "png.png")
     paths = data.find_images(tmp_path / "imgs")
     cpu, _, _ = take(paths, "cpu", 0, steps=4, batch=8, size=224)
     gpu, _, b = take(paths, "gpu", 2, steps=4, batch=8, size=224, device="cuda")
@@ -130,12 +133,12 @@ def test_gpu_loader_against_cpu_loader(tmp_path, files):
 
 @pytest.mark.gpu
 def test_gpu_loader_images_per_second(tmp_path, files, capsys):
-    """The GPU loader's rate on 256 ImageNet-sized JPEGs (500x375, quality 90) at 224 px, batch 128: printed (no
-    timed assert); `mae-fast bench --data DIR` puts it beside the training step."""
+    """The GPU loader's rate on 256 ImageNet-sized JPEGs (500x375 and 375x500, quality 90) at 224 px, batch 128:
+    printed (no timed assert); `mae-fast bench --data DIR` puts it beside the training step."""
     from mae_fast.tools import data_bench
 
     for k in range(256):
-        im = files.photo(k, (500, 375) if k % 4 else (375, 500))
+        im = files.synthetic_photo(k, (500, 375) if k % 4 else (375, 500))
         (tmp_path / f"{k:03d}.jpg").write_bytes(files.jpeg_bytes(im))
     paths = data.find_images(tmp_path)
     row = data_bench.loader_rate(paths, 224, 128, "gpu", data.default_workers(), torch.device("cuda"), batches=8,

@@ -176,8 +176,10 @@ def test_inputs_untouched_and_registered(record_ops):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_real_size(dtype):
-    """ImageNet-sized images to 224 px on CUDA, against the torch path (Pillow's numbers)."""
-    arrays = [photo(k, 500) for k in range(10)] + [noise(375, 500, 7), noise(1, 1, 8)]
+    """ImageNet-sized images to 224 px on CUDA (both pass orders), against Pillow."""
+    smooth = [np.asarray(Image.fromarray(noise(6, 8, k)).resize(wh, Image.Resampling.BICUBIC))
+              for k, wh in enumerate([(500, 375), (375, 500), (333, 500), (640, 480)] * 3)]
+    arrays = smooth + [noise(375, 500, 7), noise(1, 1, 8)]
     boxes, flips = rrc(arrays, seed=3)
     args = batch(arrays, boxes, flips)
     ref = pillow(arrays, boxes, flips, 224)
