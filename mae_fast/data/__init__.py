@@ -1,13 +1,13 @@
 """Pretraining data: image files -> augmented, normalised batches on the training device.
 
-Two paths give the same samples (the same images, RandomResizedCrop boxes and flips, keyed by each
+Two loaders give the same samples (the same images, RandomResizedCrop boxes and flips, keyed by each
 sample's position in the data stream; pixels within one 8-bit level where the JPEG decoders agree):
 
-- the CPU path (``cpu_folder``): Pillow decodes and resizes in loader workers, uint8 crosses to the device;
-- the GPU path (``gpu_folder`` + ``device_decode``): workers only read files, nvJPEG decodes on the GPU and
+- the CPU loader (``cpu_folder``): Pillow decodes and resizes in loader workers, uint8 crosses to the device;
+- the GPU loader (``gpu_folder`` + ``device_decode``): workers only read files, nvJPEG decodes on the GPU and
   one Triton kernel (``mae_fast.ops.resized_crop``) crops, resizes, flips and normalises the batch.
 
-``Batches`` (``loader``) runs either. docs/PRETRAIN.md: what each path does, the measured agreement, and
+``Batches`` (``loader``) runs either. docs/PRETRAIN.md: what each loader does, the measured agreement, and
 which files are converted or skipped.
 """
 from .cpu_folder import CACHE_MAX_IMAGES, ImageFolder, LevelBatch, Sample, collate_levels

@@ -1,8 +1,8 @@
-"""The CPU data path: Pillow decodes, crops, resizes (bicubic) and flips each sample in a loader worker.
+"""The CPU loader: Pillow decodes, crops, resizes (bicubic) and flips each sample in a loader worker.
 
 A sample comes out as 8-bit levels [3, S, S]; the batch is normalised where it is used
 (:func:`mae_fast.data.normalize`, on the training device), so uint8 crosses to a GPU. This is the oracle
-of the GPU path (``gpu_folder`` + ``device_decode``): the same files, boxes and flips.
+of the GPU loader (``gpu_folder`` + ``device_decode``): the same files, boxes and flips.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What a training sample gets: its RandomResizedCrop box and its flip, keyed by its place in the data stream.
 
-Both data paths (CPU and GPU) draw a sample's box and flip here, from a generator seeded by (seed, the
+Both loaders (CPU and GPU) draw a sample's box and flip here, from a generator seeded by (seed, the
 sample's position in the stream), so they take the same crops, whatever the workers or a restart.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading one image file as 8-bit RGB on the CPU (Pillow), with the conversions both data paths share.
+"""Reading one image file as 8-bit RGB on the CPU (Pillow), with the conversions both loaders share.
 
 Converted: RGB as it is; gray, gray + alpha, palette, RGBA, CMYK, YCbCr and 1-bit images by Pillow's
 ``convert("RGB")``, as the official MAE's loader (alpha is dropped, not blended); 16-bit gray ("I;16"
@@ -22,7 +22,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class UnreadableImage(ValueError):
-    """A file that is not an image both data paths can train on (the message says why)."""
+    """A file that is not an image both loaders can train on (the message says why)."""
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

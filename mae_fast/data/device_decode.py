@@ -1,12 +1,12 @@
-"""The GPU data path, training-process side: an :class:`~mae_fast.data.gpu_folder.EncodedBatch` -> the
+"""The GPU loader, training-process side: an :class:`~mae_fast.data.gpu_folder.EncodedBatch` -> the
 training batch [N, 3, S, S] on the device.
 
 The JPEGs are decoded on the device in one batched call of ``torchvision.io.decode_jpeg`` (nvJPEG; the
 hardware JPEG decoder where the GPU has one), the images a worker decoded are uploaded as uint8, and one
 ``mae_fast.ops.resized_crop`` launch crops, resizes, flips and normalises them all. A JPEG nvJPEG refuses
-is decoded here by Pillow, and a file Pillow cannot read either is replaced as on the CPU path
+is decoded here by Pillow, and a file Pillow cannot read either is replaced as on the CPU loader
 (``skips``). On a CPU device Pillow stands in for nvJPEG: the path's CPU twin, which the tests compare
-with the CPU path.
+with the CPU loader.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError as e:
-        raise ImportError(f"the GPU data path decodes JPEGs with torchvision.io.decode_jpeg (nvJPEG), and torchvision "
-                          f"does not import here ({e}); install torchvision, or use the CPU data path "
-                          "(--data cpu)") from None
+        raise ImportError(f"the GPU loader decodes JPEGs with torchvision.io.decode_jpeg (nvJPEG), and torchvision "
+                          f"does not import here ({e}); install torchvision, or use the CPU loader "
+                          "(--loader cpu)") from None
 
     def decode(datas: List[torch.Tensor]) -> List[torch.Tensor]:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
@@ -45,7 +45,7 @@ def pillow_decoder(datas: List[torch.Tensor]) -> List[torch.Tensor]:
 
 
 class DeviceDecoder:
-    """Turns a batch of the GPU path into training samples on ``device``: [N, 3, size, size] in ``dtype``."""
+    """Turns a batch of the GPU loader into training samples on ``device``: [N, 3, size, size] in ``dtype``."""
 
     def __init__(self, folder: EncodedFolder, size: int, device, dtype: torch.dtype = torch.float32,
                  decode_jpegs: Optional[JpegDecoder] = None):

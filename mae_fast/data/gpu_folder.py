@@ -1,9 +1,9 @@
-"""The GPU data path, loader-worker side: read each sample's file, draw its box and flip; decode nothing
+"""The GPU loader, loader-worker side: read each sample's file, draw its box and flip; decode nothing
 that nvJPEG can decode.
 
 A JPEG that nvJPEG decodes as Pillow does (``jpeg.jpeg_info``) travels as its bytes, its size taken from
 its header; any other file is decoded here by Pillow (``decode``) and travels as 8-bit levels [3, H, W].
-Boxes and flips come from ``crop.crop_and_flip`` with the sample's stream position, as on the CPU path.
+Boxes and flips come from ``crop.crop_and_flip`` with the sample's stream position, as on the CPU loader.
 A batch is a few flat uint8 buffers plus per-sample metadata (:class:`EncodedBatch`), so it crosses
 processes and the bus as a handful of tensors. ``device_decode`` turns it into the training batch.
 """
@@ -69,7 +69,7 @@ def read_encoded(path) -> Encoded:
 
 
 class EncodedFolder(torch.utils.data.Dataset):
-    """The GPU path's dataset: indexed by (image index, position in the data stream) as ``ImageFolder``;
+    """The GPU loader's dataset: indexed by (image index, position in the data stream) as ``ImageFolder``;
     an unreadable file is replaced by the next readable one (``skips``)."""
 
     def __init__(self, paths: Sequence[Path], seed: int = 0):

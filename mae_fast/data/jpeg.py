@@ -1,10 +1,10 @@
 """What a JPEG file is, from its header alone: its size and whether nvJPEG decodes it on the GPU.
 
-The GPU data path sends a JPEG's bytes to the GPU only when nvJPEG (through torchvision) decodes it to
+The GPU loader sends a JPEG's bytes to the GPU only when nvJPEG (through torchvision) decodes it to
 the same image Pillow would: Huffman-coded baseline or progressive, 8 bits, gray or YCbCr with the usual
 chroma subsampling (4:4:4, 4:2:2, 4:4:0, 4:2:0, 4:1:1, 4:1:0), and complete (it ends with the EOI
 marker). Everything else (CMYK and YCCK, RGB-coded JPEGs, 12-bit, lossless, arithmetic-coded, truncated
-files, other formats) is decoded on the CPU by Pillow, as on the CPU path.
+files, other formats) is decoded on the CPU by Pillow, as on the CPU loader.
 """
 from __future__ import annotations
 

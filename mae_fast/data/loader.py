@@ -1,4 +1,4 @@
-"""Training batches on the device, from either data path, with the time the training loop waited for them.
+"""Training batches on the device, from either loader, with the time the training loop waited for them.
 
 ``Batches(paths, size, batch_size, device=..., loader="auto")`` is an endless iterator of [N, 3, S, S]
 batches in ``dtype`` on ``device``, from one of two loaders:

@@ -3,7 +3,7 @@
 A sample whose image cannot be read takes the next readable image of the folder (in the sorted order of
 the files, wrapping around), with the same position in the stream and so the same random draws for its
 crop and flip. The rule depends only on the files, so the data are the same with any number of workers
-and on both data paths. Each process remembers the files it found unreadable; the training process
+and on both loaders. Each process remembers the files it found unreadable; the training process
 counts each file once (:class:`SkipLog`).
 """
 from __future__ import annotations

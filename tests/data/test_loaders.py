@@ -146,3 +146,21 @@ def test_gpu_loader_images_per_second(tmp_path, files, capsys):
     with capsys.disabled():
         print(f"\nGPU loader: {row['images_per_s']:.0f} images/s ({row['workers']} workers, {torch.cuda.get_device_name()})")
     assert row["images_per_s"] > 0 and row["skipped_files"] == 0
+
+
+def test_gpu_loader_imports_torchvision_only_when_used(tmp_path, files):
+    """The GPU loader on CUDA needs torchvision; where it does not import, the error says so and names the way
+    out (the CPU loader). Nothing else in mae_fast.data imports it."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    files.write_mixed_folder(tmp_path / "imgs", bad=False)
+    paths = data.find_images(tmp_path / "imgs")
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError, match=r"torchvision.*--loader cpu"):
+            Batches(paths, 8, 2, device="cuda", loader="gpu")
+    else:
+        assert callable(data.nvjpeg_decoder(torch.device("cuda")))
+    code = "import sys, mae_fast.data, mae_fast.tools.pretrain; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
