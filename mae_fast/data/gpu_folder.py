@@ -83,10 +83,9 @@ class EncodedFolder(torch.utils.data.Dataset):
     def load(self, i: int) -> Encoded:
         return read_encoded(self.paths[i])
 
-    def sample(self, i: int, position: int, load=None) -> EncodedSample:
-        """The sample at ``position`` of image i, or of the first readable image after it (``load`` reads
-        one image: by default as it travels)."""
-        j, image, skipped, error = first_readable(i, self.paths, load or self.load, self._bad)
+    def sample(self, i: int, position: int) -> EncodedSample:
+        """The sample at ``position`` of image i, or of the first readable image after it."""
+        j, image, skipped, error = first_readable(i, self.paths, self.load, self._bad)
         if image is None:
             return EncodedSample(None, i, position, (0, 0, 0, 0), False, tuple(skipped), error)
         box, flip = crop_and_flip(self.seed, position, image.width, image.height)
