@@ -14,6 +14,7 @@ rejects), and a kernel that spills registers shows up here. Exit status 1 if any
     python scripts/triton_check.py [--verbose]
 """
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -26,7 +27,7 @@ import time
 import torch
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-         torch.int32: "i32", torch.bool: "i1"}
+         torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}
 
 
 def workload():
@@ -78,6 +79,25 @@ def workload():
             out.float().sum().backward()
         for n, hd in ((1, 32), (50, 64), (70, 32), (65, 80), (33, 72), (40, 128)):  # whole and blocked tiles
             ops.qkv_attention(randn(1, n, 3 * 2 * hd, dtype=dt).requires_grad_(True), 2).float().sum().backward()
+        resized_crop_batch(5, 8, [(9, 13), (4, 3)], dt)
+
+
+def resized_crop_batch(seed: int, size: int, shapes, dtype, fake: bool = False) -> None:
+    """One ops.resized_crop launch: images of ``shapes`` (H, W) with their RandomResizedCrop boxes and flips
+    (``fake``: the pixels a fake tensor, so only the launch is recorded)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mae_fast import data, ops
+
+    drawn = [data.crop_and_flip(seed, k, W, H) for k, (H, W) in enumerate(shapes)]
+    sizes = [3 * H * W for H, W in shapes]
+    offsets = torch.tensor([sum(sizes[:k]) for k in range(len(sizes))], dtype=torch.int64)
+    meta = (offsets, torch.tensor(shapes, dtype=torch.int64), torch.tensor([b for b, _ in drawn]),
+            torch.tensor([f for _, f in drawn]))
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        pixels = (torch.empty((sum(sizes),), dtype=torch.uint8) if fake else
+                  torch.randint(0, 256, (sum(sizes),), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)))
+        ops.resized_crop(pixels, *meta, size, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, dtype=dtype)
 
 
 def attention_steps():
@@ -154,6 +174,8 @@ def model_steps():
 
     from mae_fast import models
 
+    for dt in (torch.float32, torch.bfloat16):  # the data batch of such a step: 256 images to 224 px
+        resized_crop_batch(0, 224, [(375, 500)] * 256, dt, fake=True)
     for name in ("mae_vit_base_patch16", "mae_vit_large_patch16"):
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = models.create_model(name, norm_pix_loss=True, attn_backend="math")

@@ -20,11 +20,12 @@ from .norm_pix_loss import norm_pix_loss
 from .paths import PATHS, dispatching, get_path, path, set_path, use_triton
 from .qkv_attention import qkv_attention
 from .random_masking import Masking, random_masking
+from .resized_crop import resized_crop
 from .residual_add import residual_add
 from .self_attention import self_attention
 from .unshuffle_tokens import unshuffle_tokens
 
 __all__ = ["Masking", "PATHS", "add_layer_norm", "bias_gelu", "gather_patches", "gather_tokens", "get_path", "linear",
-           "mlp", "norm_pix_loss", "path", "qkv_attention", "random_masking", "residual_add", "self_attention",
-           "set_path", "unshuffle_tokens", "autocast_dtype", "check_indices_enabled", "check_ratio", "dispatching",
-           "use_triton"]
+           "mlp", "norm_pix_loss", "path", "qkv_attention", "random_masking", "residual_add", "resized_crop",
+           "self_attention", "set_path", "unshuffle_tokens", "autocast_dtype", "check_indices_enabled", "check_ratio",
+           "dispatching", "use_triton"]

@@ -212,6 +212,10 @@ def add_pretrain_parser(sub) -> None:
     p.add_argument("--workers", type=_nonneg_int("--workers"),
                    help="data loading processes (default: half the cores less one, at most 8; 0 loads in the "
                    "training process)")
+    p.add_argument("--loader", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="gpu: the workers only read files, nvJPEG decodes on the GPU and one kernel crops, resizes, "
+                   "flips and normalises the batch (needs torchvision); cpu: Pillow does it all in the workers; "
+                   "auto: gpu on CUDA, cpu elsewhere. Both give the same samples")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, masks and data order")
     p.add_argument("--log-every", type=_positive_int("--log-every"), default=10, help="steps per log line")
     p.add_argument("--save-every", type=_nonneg_int("--save-every"),
@@ -265,6 +269,8 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
     p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
                    help="peak TFLOP/s for MFU (default: a large matmul measured in the same run)")
+    p.add_argument("--data", metavar="DIR", help="also time the data loaders on the images in DIR ('sample': the "
+                   "bundled photographs) beside the training step of `mae-fast pretrain`, and say which bounds training")
     p.set_defaults(func=run_bench)
 
 
@@ -379,11 +385,30 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         cfg = _bench_config(args, _video("bench", args))
         bench.check_config(cfg)
+    except ValueError as e:
+        _fail("bench", str(e))
+    if args.data is not None:
+        return _bench_data(cfg, args)
+    try:
         doc = bench.run(cfg, argv=getattr(args, "argv", None), progress=not args.no_progress)
     except (ValueError, variants.VariantUnavailable) as e:
         _fail("bench", str(e))
     _emit(doc, report.format_results(doc), args, distributed.rank() == 0)
     distributed.finish()  # under torchrun: wait for rank 0's files, then tear down together
+    return 0
+
+
+def _bench_data(cfg, args: argparse.Namespace) -> int:
+    from . import data_bench, distributed, variants
+
+    if distributed.world_size() > 1:
+        _fail("bench", "--data times one process's loaders; run it without torchrun")
+    try:
+        doc = data_bench.run(cfg, None if args.data == "sample" else args.data, argv=getattr(args, "argv", None),
+                             progress=not args.no_progress)
+    except (ValueError, ImportError, FileNotFoundError, variants.VariantUnavailable) as e:
+        _fail("bench", f"--data: {e}")
+    _emit(doc, data_bench.format_results(doc), args)
     return 0
 
 

@@ -5,7 +5,8 @@ Built on the library's own pieces: the fast model (``mae_fast.models``) trained 
 ``main_pretrain.py``):
 
 - data: RandomResizedCrop (area 20-100 %, aspect 3/4-4/3, bicubic), horizontal flip with probability 1/2,
-  ImageNet mean/std normalisation (written here with Pillow and torch; torchvision is not needed);
+  ImageNet mean/std normalisation (``mae_fast.data``: Pillow in loader workers on a CPU; on CUDA the JPEGs
+  are decoded on the GPU by nvJPEG and one kernel makes the batch; the same samples either way);
 - AdamW with betas (0.9, 0.95) and weight decay 0.05, none on biases and other 1-D parameters;
 - learning rate ``blr * batch / 256`` (``--lr`` sets it directly), linear warm-up then cosine decay to
   ``min_lr``, per step (the official schedule is per iteration too, in fractional epochs);
@@ -15,6 +16,7 @@ Data order is reproducible and independent of the number of loader workers: the 
 pieces of an endless sequence of shuffled epochs (epoch e is a permutation seeded by (seed, e)), and each
 sample's crop and flip come from a generator seeded by its position in that sequence. So a resumed run
 reads exactly the images an uninterrupted run would, and a folder with fewer images than a batch works.
+An unreadable file is replaced by the next readable image, reported once and counted in the log.
 
 Output folder: ``checkpoint.pth`` (the latest: model, optimizer, scheduler, step, RNG states, the config;
 ``model`` has the official MAE's keys), ``recon_<step>.png`` (original / masked / reconstruction /
@@ -30,19 +32,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
+from ..data import (CACHE_MAX_IMAGES, LOADERS, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
+                    Batches, ImageFolder, StreamSampler, center_box, default_workers, find_images, load_rgb,
+                    random_resized_crop_box, resolve_loader, sample_images, to_pixels, to_tensor)
 from . import checks, defaults
 from .progress import bar as progress_bar
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-CACHE_MAX_IMAGES = 256  # folders up to this size are decoded once and kept in memory
 CHECKPOINT = "checkpoint.pth"
 
 
@@ -70,6 +71,7 @@ class PretrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
     workers: Optional[int] = None  # None: min(8, cores // 2 - 1)
+    loader: str = "auto"  # "gpu" (nvJPEG + one kernel) on CUDA, "cpu" (Pillow in the workers) elsewhere
     seed: int = 0
     log_every: int = 10
     save_every: Optional[int] = None  # steps between checkpoints (0: only at the end)
@@ -107,158 +109,12 @@ class PretrainConfig:
         if out.dtype == "auto":
             out.dtype = "bf16" if kind == "cuda" else "fp32"
         if out.workers is None:
-            out.workers = min(8, max(0, (os.cpu_count() or 1) // 2 - 1))
+            out.workers = default_workers()
+        out.loader = resolve_loader(out.loader, self.resolved_device())
         checks.sizes(out.model, out.img_size, None, out.mask_ratio)
         if out.warmup_steps > out.steps:
             raise ValueError(f"--warmup-steps {out.warmup_steps} is more than --steps {out.steps}")
         return out
-
-
-# ----------------------------------------------------------------------------------------------- data
-def find_images(folder) -> List[Path]:
-    """Image files under ``folder`` (subfolders included, e.g. an ImageNet class layout), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    if not paths:
-        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
-    return paths
-
-
-def sample_images() -> List[Path]:
-    """The photographs shipped inside scikit-image (read from its package folder; nothing is downloaded)."""
-    from ..theory.images import sample_paths
-
-    return sample_paths()
-
-
-def random_resized_crop_box(width: int, height: int, gen: torch.Generator, scale=(0.2, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a random crop with area ``scale`` of the image and aspect ``ratio``
-    (log-uniform), as RandomResizedCrop draws it: ten tries, then the largest centred crop of an allowed
-    aspect."""
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        u = torch.rand(3, generator=gen).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
-            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
-            return left, top, left + w, top + h
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif aspect > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def center_box(width: int, height: int) -> Tuple[int, int, int, int]:
-    """The largest centred square."""
-    s = min(width, height)
-    left, top = (width - s) // 2, (height - s) // 2
-    return left, top, left + s, top + s
-
-
-def to_tensor(im: Image.Image) -> torch.Tensor:
-    """RGB image -> [3, H, W] float32, ImageNet-normalised."""
-    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
-def to_pixels(x: torch.Tensor) -> np.ndarray:
-    """[3, H, W] ImageNet-normalised -> uint8 [H, W, 3]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    img = (x.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return img.permute(1, 2, 0).cpu().numpy()
-
-
-def load_rgb(path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Training samples of the official augmentation. Indexed by (image index, position in the data stream):
-    the position seeds the sample's crop and flip, so the data do not depend on workers or restarts."""
-
-    def __init__(self, paths: Sequence[Path], size: int, seed: int = 0, cache: Optional[bool] = None):
-        self.paths = list(paths)
-        self.size = size
-        self.seed = seed
-        self.cache = len(self.paths) <= CACHE_MAX_IMAGES if cache is None else cache
-        self._decoded = {}
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def image(self, i: int) -> Image.Image:
-        if not self.cache:
-            return load_rgb(self.paths[i])
-        if i not in self._decoded:
-            self._decoded[i] = load_rgb(self.paths[i])
-        return self._decoded[i]
-
-    def __getitem__(self, key) -> torch.Tensor:
-        i, position = key
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (2**63))
-        im = self.image(i)
-        box = random_resized_crop_box(im.width, im.height, gen)
-        im = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        if float(torch.rand(1, generator=gen)) < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(im)
-
-    def fixed(self, n: int) -> torch.Tensor:
-        """The first ``n`` images, centre-cropped (no augmentation): [n, 3, size, size]."""
-        out = []
-        for i in range(min(n, len(self))):
-            im = self.image(i)
-            out.append(to_tensor(im.resize((self.size, self.size), Image.Resampling.BICUBIC,
-                                           box=center_box(im.width, im.height))))
-        return torch.stack(out)
-
-
-class StreamSampler(torch.utils.data.Sampler):
-    """An endless sequence of shuffled epochs, from sample ``start`` on: yields (image index, position)."""
-
-    def __init__(self, num_images: int, seed: int = 0, start: int = 0):
-        self.n, self.seed, self.start = num_images, seed, start
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        position = self.start
-        epoch, perm = None, None
-        while True:
-            e, offset = divmod(position, self.n)
-            if e != epoch:
-                epoch = e
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
-            yield int(perm[offset]), position
-            position += 1
-
-
-def loader(dataset: ImageFolder, batch_size: int, start_step: int, workers: int, pin: bool):
-    """Batches from step ``start_step`` on. The loader has its own generator, so it draws nothing from
-    torch's global one (which the masks use)."""
-    sampler = StreamSampler(len(dataset), dataset.seed, start_step * batch_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin, generator=torch.Generator().manual_seed(dataset.seed),
-                                       persistent_workers=False)
 
 
 # -------------------------------------------------------------------------------------- optimisation
@@ -401,7 +257,11 @@ def check_config(cfg: PretrainConfig) -> None:
         raise ValueError("give either --steps or --epochs, not both")
     if cfg.dtype == "fp16":
         raise ValueError("--dtype fp16 needs loss scaling, which TrainStep does not do; use bf16")
-    checks.device(cfg.device)
+    dev = checks.device(cfg.device)
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"--loader {cfg.loader!r}: choose one of {', '.join(LOADERS)}")
+    if cfg.loader == "gpu" and dev.type != "cuda":
+        raise ValueError("--loader gpu decodes on a CUDA device, and this run is on the CPU (use --loader cpu or auto)")
 
 
 def _plural(n: int, word: str) -> str:
@@ -443,9 +303,14 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
                              "--steps to train on")
     step_fn = TrainStep(model, opt, cfg.mask_ratio, amp=None if cfg.dtype == "fp32" else cfg.dtype,
                         grad_clip=cfg.grad_clip, scheduler=sched)
-    data = ImageFolder(paths, cfg.img_size, cfg.seed)
-    fixed = data.fixed(cfg.recon_images).to(device)
-    batches = iter(loader(data, cfg.batch_size, start, cfg.workers, pin=device.type == "cuda"))
+    fixed = ImageFolder(paths, cfg.img_size, cfg.seed).fixed(cfg.recon_images).to(device)
+
+    def skipped(path: str, why: str) -> None:
+        with tqdm.external_write_mode():
+            say(f"pretrain: skipped an unreadable file, the next readable image takes its samples: {why}")
+
+    batches = Batches(paths, cfg.img_size, cfg.batch_size, seed=cfg.seed, start_step=start, workers=cfg.workers,
+                      device=device, loader=cfg.loader, on_skip=skipped)
 
     source = "the sample photographs" if cfg.images is None else cfg.images
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -453,7 +318,8 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
     say(f"pretrain {cfg.model} ({n_params / 1e6:.1f}M parameters) at {cfg.img_size}px on {len(paths)} images from "
         f"{source}: {cfg.steps} steps of {cfg.batch_size} "
         f"({cfg.steps * cfg.batch_size / len(paths):.1f} epochs), mask ratio {cfg.mask_ratio:g}, lr {cfg.lr:.3g} "
-        f"(warm-up {_plural(cfg.warmup_steps, 'step')}, cosine to {cfg.min_lr:g}), {cfg.dtype} on {device}{threads}"
+        f"(warm-up {_plural(cfg.warmup_steps, 'step')}, cosine to {cfg.min_lr:g}), {cfg.dtype} on {device}{threads}, "
+        f"{cfg.loader} loader with {_plural(cfg.workers, 'worker')}"
         + (f"; resumed at step {start}" if start else ""))
 
     log = open(out / "log.jsonl", "a")
@@ -461,12 +327,13 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
     loss_sum = torch.zeros((), device=device)
     last_loss, count = float("nan"), 0
     t_run = t_log = time.perf_counter()
+    wait_log = 0.0
     saved_at = recon_at = -1
     try:
         with progress_bar(cfg.steps, "pretrain", enabled=progress, initial=start) as bar:
             for step in range(start, cfg.steps):
                 imgs = next(batches)
-                loss_sum += step_fn(imgs.to(device, non_blocking=True))
+                loss_sum += step_fn(imgs)
                 count += 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
@@ -478,10 +345,11 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
                     lr = lr_at(step, cfg)
                     bar.set_postfix_str(f"loss {last_loss:.4f}, lr {lr:.2e}, {ips:.0f} img/s", refresh=False)
                     log.write(json.dumps({"step": done, "loss": last_loss, "lr": lr, "images_per_s": ips,
-                                          "elapsed_s": now - t_run}) + "\n")
+                                          "elapsed_s": now - t_run, "data_wait_s": (batches.wait_s - wait_log) / count,
+                                          "skipped_files": len(batches.skips)}) + "\n")
                     log.flush()
                     loss_sum.zero_()
-                    count, t_log = 0, time.perf_counter()
+                    count, t_log, wait_log = 0, time.perf_counter(), batches.wait_s
                 if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                     save_checkpoint(ckpt, model, opt, sched, done, cfg)
                     saved_at = done
@@ -497,12 +365,14 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
             save_reconstructions(recon, model, fixed, cfg.mask_ratio, cfg.steps)
     finally:
         log.close()
+        batches.close()
     elapsed = time.perf_counter() - t_run
-    say(f"trained steps {start + 1}-{cfg.steps} in {_duration(elapsed)}, final loss {last_loss:.4f}: checkpoint "
+    skips = f" ({_plural(len(batches.skips), 'unreadable file')} skipped)" if len(batches.skips) else ""
+    say(f"trained steps {start + 1}-{cfg.steps} in {_duration(elapsed)}, final loss {last_loss:.4f}{skips}: checkpoint "
         f"{ckpt}, reconstructions {recon}, log {out / 'log.jsonl'}")
     return {"config": asdict(cfg), "start_step": start, "steps": cfg.steps, "final_loss": last_loss,
             "checkpoint": str(ckpt), "reconstruction": str(recon), "log": str(out / "log.jsonl"),
-            "seconds": elapsed}
+            "seconds": elapsed, "skipped_files": dict(batches.skips.files), "data_wait_s": batches.wait_s}
 
 
 def config_from_args(args) -> PretrainConfig:

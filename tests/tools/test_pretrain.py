@@ -193,6 +193,8 @@ def test_needs_images(capsys):
     (None, ["--sample", "--mask-ratio", "0.99"], "--mask-ratio 0.99 keeps no patch"),
     (None, ["--sample", "--model", "vit_giant"], "--model 'vit_giant' is unknown"),
     (None, ["--sample", "--img-size", "30"], "--img-size/--patch-size: img_size (30, 30) is not divisible"),
+    (None, ["--sample", "--loader", "gpu"], "--loader gpu decodes on a CUDA device"),
+    ("unreadable", [], "none of the 2 images can be read (cannot read image "),
     (None, ["--sample", "--resume", "/nonexistent.pth"], "--resume: no checkpoint at /nonexistent.pth"),
     ("not_a_checkpoint", ["--sample", "--resume"], "is not a `mae-fast pretrain` checkpoint"),
     ("not_a_checkpoint", ["--sample"], "checkpoint.pth exists: --resume continues that run"),
@@ -200,8 +202,39 @@ def test_needs_images(capsys):
 def test_clear_errors(tmp_path, setup, argv, msg):
     if setup == "empty":
         argv = [str(tmp_path)]
+    if setup == "unreadable":
+        (tmp_path / "imgs").mkdir()
+        (tmp_path / "imgs" / "a.jpg").write_text("not an image")
+        (tmp_path / "imgs" / "b.png").write_bytes(b"")
+        argv = [str(tmp_path / "imgs")]
     if setup == "not_a_checkpoint":
         torch.save({"weights": 1}, tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit) as e:
         cli.main(["pretrain", *TINY, *argv, "--steps", "1", "--output-dir", str(tmp_path)])
     assert isinstance(e.value.code, str) and e.value.code.startswith("mae-fast pretrain: ") and msg in e.value.code
+
+
+def test_unreadable_files_are_skipped_alike_with_and_without_workers(tmp_path, capsys):
+    """A corrupt JPEG, a truncated one and an empty PNG among good images: with 0 and with 1 worker the run
+    finishes, reports each file once, counts them in the log, and trains on the same data (the same weights)."""
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(imgs / f"{k}.jpg")
+    (imgs / "1.jpg").write_bytes((imgs / "1.jpg").read_bytes()[:-200])  # truncated
+    (imgs / "3.jpg").write_bytes(b"\xff\xd8 garbage")
+    (imgs / "4b.png").write_bytes(b"")
+    weights = []
+    for workers in ("0", "1"):
+        out = tmp_path / f"run{workers}"
+        argv = ["pretrain", str(imgs), *TINY[:4], "--workers", workers, *TINY[6:], "--steps", "4", "--log-every", "2",
+                "--output-dir", str(out)]
+        assert cli.main(argv) == 0
+        text = capsys.readouterr().out
+        assert text.count("pretrain: skipped an unreadable file") == 3 and "(3 unreadable files skipped)" in text
+        assert "cpu loader with " + ("0 workers" if workers == "0" else "1 worker") in text
+        lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        assert [x["skipped_files"] for x in lines] == [3, 3] and all(x["data_wait_s"] >= 0 for x in lines)
+        weights.append(torch.load(out / "checkpoint.pth", weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
