@@ -14,7 +14,7 @@ import torch
 
 from mae_fast import data, ops
 from mae_fast.ops.resized_crop import pack_images
-from mae_fast.tools import timing
+from mae_fast import timing
 
 
 def main(argv=None):

@@ -22,12 +22,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import PIL
 import torch
+import triton
 from torch import Tensor
 
 from mae_fast.kernels import resized_crop as _k
 
 from ._checks import check_indices_enabled, check_tensor
-from ._registry import cdiv, kernel, launch, use_triton
+from ._op import register_op
+from ._triton import launch
+from .paths import use_triton
 
 __all__ = ["resized_crop", "resized_crop_torch", "pack_images", "OUT_DTYPES"]
 
@@ -129,7 +132,7 @@ def resized_crop_torch(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: T
     return out
 
 
-@kernel("resized_crop")
+@register_op("resized_crop")
 def _resized_crop(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor, flips: Tensor, size: int,
                   mean: List[float], std: List[float], dtype: torch.dtype) -> Tensor:
     if not use_triton(pixels):
@@ -139,7 +142,7 @@ def _resized_crop(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor
     if N == 0:
         return out
     block_x = min(BLOCK_X, max(16, 1 << (size - 1).bit_length()))
-    launch(_k.resized_crop_kernel)[(3 * N, cdiv(size, BLOCK_Y), cdiv(size, block_x))](
+    launch(_k.resized_crop_kernel)[(3 * N, triton.cdiv(size, BLOCK_Y), triton.cdiv(size, block_x))](
         pixels, offsets, shapes, boxes, flips, out, size, pixels.numel(), MAX_SIDE, *mean, *std,  # fp32 scalars
         VERTICAL_FIRST=VERTICAL_FIRST, BLOCK_Y=BLOCK_Y, BLOCK_X=block_x, BLOCK_K=BLOCK_K, num_warps=4,
     )

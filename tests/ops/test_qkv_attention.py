@@ -283,7 +283,7 @@ def test_backend_mae_fast_refuses_dropout():
 
 def test_attention_module_on_mae_fast():
     """nn.Attention with attn_backend="mae_fast" equals the math backend; with a mask it is refused."""
-    from mae_fast.nn.layers import Attention
+    from mae_fast.nn import Attention
 
     torch.manual_seed(0)
     m = Attention(24, num_heads=3, qkv_bias=True, attn_backend="mae_fast")
