@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import timing
@@ -126,14 +127,21 @@ def _xformers_available() -> bool:
     return True
 
 
-def auto_backend(q: torch.Tensor) -> Optional[str]:
+def auto_backend(q: torch.Tensor, dropout_p: float = 0.0) -> Optional[str]:
     """The fixed rule "auto" falls back on when it cannot measure; None means SDPA's own dispatch.
 
-    CUDA half precision: SDPA's flash kernel (FlashAttention-2). fp32 has no flash kernel, so SDPA
-    chooses. CPU: SDPA chooses.
+    CUDA half precision: mae_fast's kernels (built for MAE's short sequences) at head dims 32-128 without
+    dropout, else SDPA's flash kernel (FlashAttention-2) up to head dim 256. fp32 has no flash kernel, so SDPA
+    chooses. CPU: SDPA chooses. Where "auto" measures (the default), the measurement decides instead.
     """
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        return "flash"
+    # a fake tensor stands for a CUDA one (tracing tools see what a GPU run executes); under torch.compile every
+    # tensor is fake and the device says where the compiled code runs
+    cuda = q.device.type == "cuda" or (not torch.compiler.is_compiling() and is_fake(q))
+    if cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if 32 <= q.shape[-1] <= 128 and dropout_p == 0.0:
+            return "mae_fast"
+        if q.shape[-1] <= 256:
+            return "flash"
     return None
 
 
@@ -284,7 +292,7 @@ def _auto(q, k, v, dropout_p: float, scale: Optional[float]) -> str:
     """The backend "auto" uses for this call (a name from BACKENDS or SDPA_DEFAULT)."""
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     key = _tune_key(q, k, v, dropout_p, scale, grad)
-    rule = auto_backend(q) or SDPA_DEFAULT
+    rule = auto_backend(q, dropout_p) or SDPA_DEFAULT
     if torch.compiler.is_compiling():
         return _choice_while_tracing(key, rule)
     entry = _TUNED.get(key)

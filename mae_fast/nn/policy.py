@@ -154,6 +154,11 @@ CANDIDATES: Dict[str, Dict[str, Callable]] = {
     "bias_gelu": {"fused": ops.bias_gelu, "stock": stock.bias_gelu},
     "residual_add": {"fused": ops.residual_add, "stock": stock.residual_add},
     "linear": {"fused": ops.linear, "stock": stock.linear},
+    "mlp": {  # GEMMs with the bias, GELU and dGELU in their epilogues; or cuBLAS GEMMs around bias_gelu
+        "fused": ops.mlp,
+        "ops": lambda x, w1, b1, w2, b2, approximate: ops.linear(ops.bias_gelu(ops.linear(x, w1), b1, approximate),
+                                                                 w2, b2),
+        "stock": stock.mlp},
     "self_attention": {
         "fused": lambda x, w, b, heads, scale, p, backend: ops.self_attention(x, w, b, heads, scale=scale, dropout_p=p,
                                                                              backend=backend),
@@ -265,8 +270,9 @@ def _capturing(device: torch.device) -> bool:
 
 
 def choose(op: str, args, owner=None) -> str:
-    """The candidate of ``op`` ("fused" or "stock") this call with these arguments runs (see the module
-    docstring); ``owner``: the block the call belongs to (for :func:`unfused_reason`)."""
+    """The candidate of ``op`` (a name of ``CANDIDATES[op]``: "fused", "stock", or for mlp also "ops") this call
+    with these arguments runs (see the module docstring); ``owner``: the block it belongs to (for
+    :func:`unfused_reason`)."""
     mode = fused_ops_mode()
     if mode != "auto":
         return mode
@@ -306,8 +312,10 @@ def unfused_reason(block, x: Optional[torch.Tensor] = None) -> Optional[str]:
             t = entry["times_ms"]
             fused = f"{t['fused']:.3g} ms" if "fused" in t else entry["rejected"].get("fused", "rejected")
             stocked.append(f"{op} (stock {t['stock']:.3g} ms, fused {fused})")
+        elif entry is not None and entry["path"] != "fused":
+            stocked.append(f"{op} runs {entry['path']} ({', '.join(f'{k} {v:.3g} ms' for k, v in entry['times_ms'].items())})")
     if fused_ops_mode() == "stock":
         return "every fused op runs stock (MAE_FAST_FUSED=stock or set_fused_ops('stock'))"
     if stocked:
-        return "runs fused, but these ops were measured faster stock here and run stock: " + "; ".join(stocked)
+        return "runs fused, but these ops were measured faster otherwise here: " + "; ".join(stocked)
     return None

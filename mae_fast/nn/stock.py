@@ -51,3 +51,9 @@ def self_attention(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads:
     q, k, v = qkv.unbind(0)  # [B, H, N, hd]
     o = attention(q, k, v, backend=backend, dropout_p=dropout_p, scale=scale)  # [B, H, N, hd]
     return o.transpose(1, 2).reshape(B, N, C)
+
+
+def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+        approximate: str) -> Tensor:
+    """fc1, GELU, fc2 as timm's Mlp runs them."""
+    return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
