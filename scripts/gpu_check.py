@@ -72,6 +72,22 @@ class Run:
         return status
 
 
+class _Tee:
+    """Writes to the console and to a file."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+
 def _device_name() -> str:
     import torch
 
@@ -176,9 +192,9 @@ def smoke_child(path: str, dry: bool) -> None:
         t0 = time.monotonic()
         try:
             results = []
-            for path in ("auto", "torch"):
+            for op_path in ("auto", "torch"):
                 xs = [t.detach().clone().requires_grad_(True) for t in inputs]
-                with ops.path(path):
+                with ops.path(op_path):
                     out = fn(*xs)
                     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
                     g = [torch.randn(o.shape, generator=torch.Generator(device=dev).manual_seed(1), device=dev,
@@ -204,6 +220,7 @@ def smoke_child(path: str, dry: bool) -> None:
         rows.append({"check": "random_masking (device = CPU)", "ok": bool(same)})
     except Exception as e:  # noqa: BLE001
         rows.append({"check": "random_masking (device = CPU)", "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
+    print(f"  {rows[-1]['check']:28s} {'ok' if rows[-1]['ok'] else 'FAILED'}", flush=True)
     json.dump({"device": dev, "dtype": str(dt), "rows": rows}, open(path, "w"), indent=1)
 
 
@@ -339,6 +356,7 @@ def main(argv=None) -> int:
         attention_child(args.attention_child, args.dry_run)
         return 0
     run = Run(args.out, args.budget, args.dry_run)
+    sys.stdout = _Tee(sys.stdout, open(run.path("log.txt"), "w"))  # the whole call's output, as a file too
     if not args.dry_run and run.device == "no CUDA device":
         print("gpu_check: no CUDA device here; use --dry-run")
         return 2

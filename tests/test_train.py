@@ -488,14 +488,27 @@ def test_gpu_new_masks_at_every_replay():
 
 
 @pytest.mark.gpu
+def _side_table_entries() -> int:
+    """Entries in torch's table of Triton kernels seen by its traceable wrapper (an eager launch adds none)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table as table
+
+    return len(table.id_to_kernel) + len(table.constant_args)
+
+
 def test_gpu_memory_flat_and_no_sync():
-    """100 replays allocate nothing that stays, and a replayed call makes no host sync."""
+    """100 replays allocate nothing that stays, make no host sync, and (like eager steps after the first) keep
+    nothing in torch's kernel side table."""
     with ops.path("auto"):
-        step, _ = _cuda_pair(amp="bf16", grad_clip=1.0)
+        step, eager = _cuda_pair(amp="bf16", grad_clip=1.0)
         x = _batches(1, device="cuda")[0]
+        _run(eager, [x] * 2)  # Triton compiles, auto measures
+        entries = _side_table_entries()
+        _run(eager, [x] * 10)
+        assert _side_table_entries() == entries, "eager steps left entries in torch's kernel side table"
         _run(step, [x] * 4)  # 2 warm-up steps, the capture, a replay
         loss = step(x)
         torch.cuda.synchronize()
+        entries = _side_table_entries()
         before, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -506,6 +519,7 @@ def test_gpu_memory_flat_and_no_sync():
         torch.cuda.synchronize()
         assert torch.isfinite(loss)
         assert torch.cuda.memory_allocated() == before and torch.cuda.max_memory_allocated() == peak
+        assert _side_table_entries() == entries
 
 
 @pytest.mark.gpu
