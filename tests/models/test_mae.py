@@ -94,18 +94,44 @@ def _exact_step(ref, imgs, noise):
     return {"loss": loss, "pred": pred, **{n: p.grad for n, p in exact_model.named_parameters() if p.grad is not None}}
 
 
+@pytest.mark.parametrize("backend", ["auto", "mae_fast"])
 @pytest.mark.parametrize("train", [False, True])
-def test_parity_bf16_autocast(train):
-    """bf16 autocast, on the path CPU tensors take: loss, pred and every parameter's gradient of the fast model
-    are within twice the reference's own autocast error against the float64 model (+ 1e-4)."""
+def test_parity_bf16_autocast(train, backend):
+    """bf16 autocast, on the fused ops' torch path: loss, pred and every parameter's gradient of the fast model
+    are within twice the reference's own autocast error against the float64 model (+ 1e-4), with SDPA's
+    attention or mae_fast's."""
+    import mae_fast.nn as mnn
+
     ref, fast = _pair("base_like")
     imgs, noise = _inputs(ref)
     exact = _exact_step(ref, imgs, noise)
-    with ops.path("torch"):
+    with ops.path("torch"), mnn.attn_backend(backend):
         errs_fast = _autocast_errors(fast, exact, imgs, noise, "cpu", train)
     errs_ref = _autocast_errors(ref, exact, imgs, noise, "cpu")
     for k, e in errs_fast.items():
         assert e <= 2 * errs_ref[k] + 1e-4, (k, e, errs_ref[k])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_model_on_the_kernels_equals_its_torch_path(train, triton_path):
+    """The whole fast model with every fused op on its Triton kernels (the interpreter on a CPU), mae_fast's
+    attention (qkv_attention) and MLP (GEMM epilogues) included, against the same model on the ops' torch path:
+    loss and every gradient, fp32 (bf16 on the kernels: tests/ops, where the interpreter's truncating casts are
+    allowed for)."""
+    import mae_fast.nn as mnn
+
+    _, fast = _pair("base_like")
+    imgs, noise = _inputs(fast)
+    results = []
+    for path in ("triton", "torch"):
+        fast.zero_grad()
+        with ops.path(path), mnn.attn_backend("mae_fast"):
+            loss = fast.forward_train(imgs, 0.75, noise) if train else fast(imgs, 0.75, noise)[0]
+            loss.backward()
+        results.append({"loss": loss.detach(), **{k: g.clone() for k, g in _grads(fast).items()}})
+    assert {"qkv_attention_fwd_kernel", "mlp_fc1_kernel"} <= set(triton_path), sorted(triton_path)
+    for k in results[1]:
+        assert rel_err(results[0][k], results[1][k]) < 1e-5, k
 
 
 def test_mask_ratio_zero_is_the_plain_autoencoder_loss():
