@@ -3,10 +3,13 @@
 Each op runs once (forward and backward, fp32 and bf16, with and without its optional inputs) through
 Triton's interpreter on the CPU (in a subprocess), and so does one training step of the ViT-B/16 and
 ViT-L/16 fast models at batch 256 on fake tensors (the launch configurations of a real run); every launch
-is recorded: its argument types, constexprs and num_warps. Each distinct launch signature is then compiled for an H100/H200 (GPUTarget cuda 90) by Triton's
-own compiler, without a GPU, and ptxas reports its registers, spills and shared memory. So the kernels are
-type-checked by the real compiler on machines without a GPU (the interpreter accepts some code the compiler
-rejects), and a kernel that spills registers shows up here. Exit status 1 if any kernel fails to compile.
+is recorded: its argument types, constexprs, num_warps and the specialisation Triton's launcher gives it (ints
+equal to 1 as constexprs, 16-byte aligned pointers and ints divisible by 16). Each distinct launch signature is
+then compiled for an H100/H200 (GPUTarget cuda 90) by Triton's own compiler, without a GPU, and ptxas reports
+its registers, spills and shared memory; the PTX gives the count of vector (.v2/.v4) global loads among all.
+So the kernels are type-checked by the real compiler on machines without a GPU (the interpreter accepts some
+code the compiler rejects), and a kernel that spills registers or loads contiguous data one element at a time
+shows up here. Exit status 1 if any kernel fails to compile.
 
     python scripts/triton_check.py [--verbose]
 """
@@ -71,26 +74,45 @@ def workload():
 
 
 def signature(kernel, args, kwargs):
-    """(signature, constexprs, num_warps) of one launch."""
+    """(signature, constexprs, aligned, num_warps) of one launch, specialised as Triton's launcher does: an int
+    equal to 1 becomes a constexpr, and ``aligned`` names the pointers at a multiple of 16 bytes and the ints
+    divisible by 16 (``tt.divisibility`` 16, what lets the compiler vectorise loads and stores). A fake
+    tensor (the full-size step) stands for a fresh allocation: aligned."""
     import inspect
+
+    from torch._subclasses.fake_tensor import is_fake
 
     names = list(inspect.signature(kernel.fn).parameters)
     constexprs = {n: kwargs[n] for n in names if n in kwargs}
-    sig = {}
+    sig, aligned = {}, []
     for name, value in zip(names, args):
         if isinstance(value, torch.Tensor):
             sig[name] = "*" + TYPES[value.dtype]
+            if is_fake(value) or value.data_ptr() % 16 == 0:
+                aligned.append(name)
         elif isinstance(value, bool):
             sig[name] = "i1"
+        elif isinstance(value, int) and value == 1:
+            sig[name], constexprs[name] = "constexpr", 1
         elif isinstance(value, int):
             sig[name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0:
+                aligned.append(name)
         elif isinstance(value, float):
             sig[name] = "fp32"
         else:
             raise TypeError(f"{kernel.fn.__name__}: argument {name} of type {type(value).__name__}")
     for name in constexprs:
         sig[name] = "constexpr"
-    return sig, constexprs, kwargs.get("num_warps", 4)
+    return sig, constexprs, aligned, kwargs.get("num_warps", 4)
+
+
+def global_loads(ptx: str):
+    """(vector, all) counts of the global loads in the PTX: ``ld.global`` instructions, vector ones
+    (``.v2``/``.v4``) among them. Scalar loads where the data is contiguous mean a pointer or stride the
+    compiler could not prove aligned or unit."""
+    loads = re.findall(r"\bld\.global(?:\.[a-z0-9]+)*", ptx)
+    return sum(1 for op in loads if ".v2" in op or ".v4" in op), len(loads)
 
 
 def resources(ptx: str, ptxas: str):
@@ -132,9 +154,10 @@ def record() -> None:
         with observe_launches(run=not real) as launches:  # the full-size step: recorded, not run
             run()
         for kernel, _grid, largs, lkwargs in launches:
-            sig, constexprs, warps = signature(kernel, largs, lkwargs)
+            sig, constexprs, aligned, warps = signature(kernel, largs, lkwargs)
             line = json.dumps({"module": kernel.fn.__module__, "name": kernel.fn.__name__, "signature": sig,
-                               "constexprs": constexprs, "num_warps": warps, "real": real}, sort_keys=True)
+                               "constexprs": constexprs, "aligned": aligned, "num_warps": warps, "real": real},
+                              sort_keys=True)
             if line not in seen:
                 seen.add(line)
                 print(line)
@@ -154,27 +177,33 @@ def compile_all(lines, verbose: bool) -> int:
     for launch in lines:
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         try:
-            compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"]), target=target,
+            names = list(launch["signature"])
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in launch["aligned"]}
+            compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs), target=target,
                                       options={"num_warps": launch["num_warps"]})
             regs, spills, smem = resources(compiled.asm["ptx"], ptxas)
-            rows.append((launch["name"], regs, spills if launch["real"] else 0, smem, "ok"))
+            vec, loads = global_loads(compiled.asm["ptx"])
+            rows.append((launch["name"], regs, spills if launch["real"] else 0, smem, (vec, loads), "ok"))
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
-            rows.append((launch["name"], -1, 0, 0, f"FAILED: {type(e).__name__}: {str(e).strip()[:400]}"))
+            rows.append((launch["name"], -1, 0, 0, (0, 0), f"FAILED: {type(e).__name__}: {str(e).strip()[:400]}"))
         if verbose:
             print(rows[-1], launch["constexprs"], launch["num_warps"])
     by_kernel = {}
-    for name, regs, spills, smem, status in rows:
-        k = by_kernel.setdefault(name, [0, 0, 0, 0, "ok"])
+    for name, regs, spills, smem, (vec, loads), status in rows:
+        k = by_kernel.setdefault(name, [0, 0, 0, 0, 0, 0, "ok"])
         k[0] += 1
         k[1], k[2], k[3] = max(k[1], regs), max(k[2], spills), max(k[3], smem)
+        k[4], k[5] = k[4] + vec, k[5] + loads
         if status != "ok":
-            k[4] = status
+            k[6] = status
     print(f"triton-check: {len(rows)} launch signatures of {len(by_kernel)} kernels compiled for sm_90 "
           f"in {time.perf_counter() - t0:.0f} s (max registers / shared bytes per kernel; spill bytes at the "
-          f"configurations of a ViT-B/16 and ViT-L/16 step, batch 256)")
-    for name, (n, regs, spills, smem, status) in sorted(by_kernel.items()):
-        print(f"  {name:28s} {n:3d} variants  regs {regs:4d}  spills {spills:5d}  smem {smem:6d}  {status}")
+          f"configurations of a ViT-B/16 and ViT-L/16 step, batch 256; global loads in the PTX: vector (.v2/.v4) "
+          f"of all, summed over the variants)")
+    for name, (n, regs, spills, smem, vec, loads, status) in sorted(by_kernel.items()):
+        print(f"  {name:28s} {n:3d} variants  regs {regs:4d}  spills {spills:5d}  smem {smem:6d}  "
+              f"vector loads {vec:4d}/{loads:<4d}  {status}")
     return 1 if failed else 0
 
 
