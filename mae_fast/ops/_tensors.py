@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -15,6 +16,12 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [R, D] with a unit last stride (a view when possible): the layout of the row kernels."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A [D] parameter (weight, bias) with a unit stride, as the row kernels read it: the tensor itself when
+    contiguous, else a copy of its D values (a strided or expanded view: one small launch); None stays None."""
+    return None if t is None else t.contiguous()
 
 
 def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:

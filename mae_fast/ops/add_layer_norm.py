@@ -18,7 +18,7 @@ from mae_fast.kernels import add_layer_norm as _k
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
 from ._autograd import once_differentiable
 from ._op import register_op
-from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._tensors import autocast_off, dense, rows, unused_pointer, wide
 from ._triton import launch
 from .paths import use_triton
 
@@ -74,6 +74,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
         return y, s, mean, rstd
     cfg = _launch.row_norm(R, D)
     dummy = unused_pointer(x)
+    weight, bias, branch_bias = dense(weight), dense(bias), dense(branch_bias)  # the kernel reads them with stride 1
     launch(_k.add_layer_norm_fwd_kernel)[(cfg.grid,)](
         x, branch if branch is not None else dummy, branch_bias if branch_bias is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
@@ -98,6 +99,7 @@ def _backward(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rst
     cfg = _launch.row_norm_partials(R, D)
     part = torch.empty((cfg.grid, 3, D), dtype=torch.float32, device=dy.device)
     dummy = unused_pointer(dy)
+    weight = dense(weight)  # the kernel reads it with stride 1
     launch(_k.add_layer_norm_bwd_kernel)[(cfg.grid,)](
         dy, s, weight if weight is not None else dummy, mean, rstd, ds if ds is not None else dummy, dz,
         dbr if dbr_dtype is not None else dummy, part,

@@ -122,7 +122,7 @@ class _GatherTokens(torch.autograd.Function):
         x_dtype, pos_dtype, prefix_dtype = ctx.dtypes
         need_x, _, need_pos, need_prefix = ctx.needs_input_grad
         need_pos, need_prefix = need_pos and pos_dtype is not None, need_prefix and prefix_dtype is not None
-        gx, gpos, gpre = _backward(grad.contiguous(), ids_keep, ctx.L, ctx.P, need_x, need_pos, need_prefix)
+        gx, gpos, gpre = _backward(grad, ids_keep, ctx.L, ctx.P, need_x, need_pos, need_prefix)
         return (gx.to(x_dtype) if need_x else None, None,
                 gpos.to(pos_dtype) if need_pos else None, gpre.to(prefix_dtype) if need_prefix else None)
 

@@ -16,7 +16,7 @@ from mae_fast.kernels import residual_add as _k
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
 from ._autograd import once_differentiable
 from ._op import register_op
-from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._tensors import autocast_off, dense, rows, unused_pointer, wide
 from ._triton import launch
 from .paths import use_triton
 
@@ -44,6 +44,7 @@ def _forward(s: Tensor, branch: Tensor, bias: Optional[Tensor]) -> Tensor:
     if out.numel() == 0:
         return out
     cfg = _launch.row_tiles(R, D)
+    bias = dense(bias)  # the kernel reads it with stride 1
     launch(_k.residual_add_fwd_kernel)[cfg.grid](
         s, branch, bias if bias is not None else unused_pointer(s), out, R, D, s.stride(0), branch.stride(0),
         cfg.rows, HAS_BIAS=bias is not None, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_f, num_warps=cfg.num_warps,
