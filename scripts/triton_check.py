@@ -177,8 +177,7 @@ def compile_all(lines, verbose: bool) -> int:
     for launch in lines:
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         try:
-            names = list(launch["signature"])
-            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in launch["aligned"]}
+            attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch["aligned"]}
             compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs), target=target,
                                       options={"num_warps": launch["num_warps"]})
             regs, spills, smem = resources(compiled.asm["ptx"], ptxas)

@@ -14,7 +14,7 @@ def wide(t: torch.Tensor) -> torch.Tensor:
 
 def rows(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [R, D] with a unit last stride (a view when possible): the layout of the row kernels."""
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(t.shape[:-1].numel(), t.shape[-1])  # also for 0 columns, where -1 is ambiguous
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 

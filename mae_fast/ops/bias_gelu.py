@@ -14,7 +14,7 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import bias_gelu as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
 from ._tensors import autocast_off, dense, rows, unused_pointer, wide
 from ._triton import launch
@@ -79,15 +79,16 @@ class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, bias, approximate):
         h2 = rows(h)
-        ctx.save_for_backward(h2, bias)
+        a = anchor(h)
+        ctx.save_for_backward(h2, bias, a)
         ctx.shape, ctx.approximate = h.shape, approximate
         with autocast_off(h):
-            return _forward(h2, bias, approximate).view(h.shape)
+            return _forward(h2, bias, approximate).view(h.shape), a
 
     @staticmethod
     @once_differentiable("bias_gelu")
     def backward(ctx, da):
-        h2, bias = ctx.saved_tensors
+        h2, bias, _ = ctx.saved_tensors
         with autocast_off(h2):
             dh, dbias = _backward(rows(da), h2, bias, ctx.approximate)
         need_h, need_bias, _ = ctx.needs_input_grad
@@ -106,4 +107,4 @@ def bias_gelu(h: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
         check_shape("bias", bias, (h.shape[-1],))
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    return _BiasGelu.apply(h, bias, approximate)
+    return apply(_BiasGelu, "bias_gelu", h, bias, approximate)

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._tensors import autocast_dtype, autocast_off, wide
 
 __all__ = ["linear", "compute_dtype", "mm_out"]
@@ -40,20 +40,21 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
         with autocast_off(x):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [R, K]
+            x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(dtype)  # [R, K]
             w = weight.to(dtype)  # [M, K]
             out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())  # [R, M]
-        ctx.save_for_backward(x2, w)
+        a = anchor(x)
+        ctx.save_for_backward(x2, w, a)
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return out.view(*x.shape[:-1], weight.shape[0]), a
 
     @staticmethod
     @once_differentiable("linear")
     def backward(ctx, g):
-        x2, w = ctx.saved_tensors
+        x2, w, _ = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
         need_x, need_w, need_b, _ = ctx.needs_input_grad
-        g2 = g.reshape(-1, g.shape[-1]).to(w.dtype)  # [R, M]
+        g2 = g.reshape(g.shape[:-1].numel(), g.shape[-1]).to(w.dtype)  # [R, M]
         with autocast_off(g):
             dx = torch.mm(g2, w).to(x_dtype).view(x_shape) if need_x else None
             dw = mm_out(g2.t(), x2, w_dtype) if need_w else None
@@ -72,4 +73,4 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("bias", bias, (weight.shape[0],))
-    return _Linear.apply(x, weight, bias, compute_dtype(x, weight))
+    return apply(_Linear, "linear", x, weight, bias, compute_dtype(x, weight))

@@ -16,8 +16,8 @@ from torch import Tensor
 from mae_fast.kernels import _launch
 from mae_fast.kernels import self_attention as _k
 
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._checks import FLOAT_DTYPES, check_int, check_number, check_ratio, check_shape, check_tensor
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
 from ._tensors import autocast_off, wide
 from ._triton import launch
@@ -68,14 +68,15 @@ class _SelfAttention(torch.autograd.Function):
                 leaf = qkv.detach().requires_grad_(True)
                 q, k, v = leaf.view(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd]
                 o = attention(q, k, v, backend=backend, dropout_p=dropout_p, scale=scale)  # [B, H, N, hd]
-        ctx.save_for_backward(x2, w, q, k, v, o)  # q, k, v, o carry the attention's own graph
+        a = anchor(x)
+        ctx.save_for_backward(x2, w, q, k, v, o, a)  # q, k, v, o carry the attention's own graph
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return o.detach().transpose(1, 2).reshape(B, N, C)  # [B, N, C]
+        return o.detach().transpose(1, 2).reshape(B, N, C), a  # [B, N, C]
 
     @staticmethod
     @once_differentiable("self_attention")
     def backward(ctx, dout):
-        x2, w, q, k, v, o = ctx.saved_tensors
+        x2, w, q, k, v, o, _ = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         B, H, N, hd = q.shape
@@ -96,15 +97,17 @@ def self_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], nu
     parameters."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
-        raise ValueError(f"num_heads must be a positive int dividing C={C}, got {num_heads!r}")
+    what = f"a positive int dividing C={C}"
+    num_heads = check_int("num_heads", num_heads, 1, what=what)
+    if C % num_heads:
+        raise ValueError(f"num_heads must be {what}, got {num_heads}")
     check_tensor("qkv_weight", qkv_weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
     check_shape("qkv_weight", qkv_weight, (3 * C, C))
     if qkv_bias is not None:
         check_tensor("qkv_bias", qkv_bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("qkv_bias", qkv_bias, (3 * C,))
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return _SelfAttention.apply(x, qkv_weight, qkv_bias, num_heads, scale, dropout_p, backend,
-                                compute_dtype(x, qkv_weight))
+    dropout_p = check_ratio("dropout_p", dropout_p)
+    if scale is not None:
+        scale = check_number("scale", scale)
+    return apply(_SelfAttention, "self_attention", x, qkv_weight, qkv_bias, num_heads, scale, dropout_p, backend,
+                 compute_dtype(x, qkv_weight))
