@@ -11,7 +11,7 @@ So the kernels are type-checked by the real compiler on machines without a GPU (
 code the compiler rejects), and a kernel that spills registers or loads contiguous data one element at a time
 shows up here. Exit status 1 if any kernel fails to compile.
 
-    python scripts/triton_check.py [--verbose]
+    python scripts/triton_check.py [--verbose] [--kernels NAME,...]
 """
 import argparse
 import importlib
@@ -209,6 +209,7 @@ def compile_all(lines, verbose: bool) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--verbose", action="store_true", help="one line per compiled launch signature")
+    ap.add_argument("--kernels", help="comma-separated kernel names: compile only these (all are recorded)")
     ap.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # the interpreter subprocess
     args = ap.parse_args(argv)
     if args.record:
@@ -221,7 +222,10 @@ def main(argv=None) -> int:
         print(res.stdout[-3000:], res.stderr[-5000:])
         return 1
     os.environ.pop("TRITON_INTERPRET", None)
-    return compile_all([json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")], args.verbose)
+    launches = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    if args.kernels:
+        launches = [x for x in launches if x["name"] in args.kernels.split(",")]
+    return compile_all(launches, args.verbose)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulator dtype of a sum of ``t``: float64 for float64, else fp32 (``t.sum(dtype=...)`` reduces
+    in it without an fp32 copy of t)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [R, D] with a unit last stride (a view when possible): the layout of the row kernels."""
     t2 = t.reshape(t.shape[:-1].numel(), t.shape[-1])  # also for 0 columns, where -1 is ambiguous

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
 from ._autograd import anchor, apply, once_differentiable
-from ._tensors import autocast_dtype, autocast_off, wide
+from ._tensors import acc_dtype, autocast_dtype, autocast_off
 
 __all__ = ["linear", "compute_dtype", "mm_out"]
 
@@ -28,10 +28,17 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return dtype
 
 
+# aten::mm.dtype, torch.mm(a, b, out_dtype=torch.float32) for bf16/fp16 a and b on CUDA: torch 2.8 and later
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def mm_out(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """a @ b with the result in ``out_dtype``: straight out of the GEMM on CUDA (and for fake tensors, which
-    stand for CUDA ones in tracing tools), else rounded in a's dtype and converted (the CPU has no such GEMM)."""
-    if out_dtype != a.dtype and (a.device.type == "cuda" or is_fake(a)):
+    """a @ b with the result in ``out_dtype``: an fp32 result of bf16/fp16 inputs comes straight out of the
+    GEMM on CUDA (and for fake tensors, which stand for CUDA ones in tracing tools) where torch has that GEMM
+    (``torch.mm(..., out_dtype=torch.float32)``, torch 2.8 and later, the only cross-dtype case it supports);
+    anything else is rounded in a's dtype and converted."""
+    if (_MM_OUT_DTYPE and out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and (a.device.type == "cuda" or is_fake(a))):
         return torch.mm(a, b, out_dtype=out_dtype)
     return torch.mm(a, b).to(out_dtype)
 
@@ -58,7 +65,7 @@ class _Linear(torch.autograd.Function):
         with autocast_off(g):
             dx = torch.mm(g2, w).to(x_dtype).view(x_shape) if need_x else None
             dw = mm_out(g2.t(), x2, w_dtype) if need_w else None
-            db = wide(g2).sum(0).to(b_dtype) if need_b and b_dtype is not None else None
+            db = g2.sum(0, dtype=acc_dtype(g2)).to(b_dtype) if need_b and b_dtype is not None else None
         return dx, dw, db, None
 
 

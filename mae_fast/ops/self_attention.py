@@ -19,7 +19,7 @@ from mae_fast.kernels import self_attention as _k
 from ._checks import FLOAT_DTYPES, check_int, check_number, check_ratio, check_shape, check_tensor
 from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
-from ._tensors import autocast_off, wide
+from ._tensors import acc_dtype, autocast_off
 from ._triton import launch
 from .paths import use_triton
 from .linear import compute_dtype, mm_out
@@ -31,7 +31,7 @@ def pack_qkv_grad_torch(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool):
     """(dqkv [B*N, 3*D] in dq's dtype, dbias [3*D] fp32, or empty without need_bias)."""
     B, H, N, hd = dq.shape
     dqkv = torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(B * N, 3 * H * hd)  # [B*N, 3D]
-    dbias = wide(dqkv).sum(0) if need_bias else dqkv.new_empty((0,), dtype=torch.float32)
+    dbias = dqkv.sum(0, dtype=acc_dtype(dqkv)) if need_bias else dqkv.new_empty((0,), dtype=torch.float32)
     return dqkv, dbias
 
 
