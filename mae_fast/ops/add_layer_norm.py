@@ -83,7 +83,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
         s if branch is not None else dummy, y, mean, rstd,
         R, D, x.stride(0), branch.stride(0) if branch is not None else 0, eps, cfg.rows,
         HAS_BRANCH=branch is not None, HAS_BRANCH_BIAS=branch_bias is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        HAS_B=bias is not None, BLOCK_D=cfg.block_d, CHUNKS=cfg.chunks, num_warps=cfg.num_warps,
     )
     return y, s, mean, rstd
 
