@@ -50,8 +50,8 @@ def bias_gelu_case(R, Fd, dtypes=(F32, F32)):
 
 
 def residual_add_case(R, D, dtypes=(F32, F32, F32)):
-    return (lambda s, br, b: ops.residual_add(s, br, b), [randn(R, D, dtype=dtypes[0]), randn(R, D, seed=1, dtype=dtypes[1]),
-                                                          randn(D, seed=2, dtype=dtypes[2])])
+    return (lambda s, br, b: ops.residual_add(s, br, b),
+            [randn(R, D, dtype=dtypes[0]), randn(R, D, seed=1, dtype=dtypes[1]), randn(D, seed=2, dtype=dtypes[2])])
 
 
 def self_attention_case(B, N, C, H):
