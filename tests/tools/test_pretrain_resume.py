@@ -16,7 +16,7 @@ TINY = ["--sample", "--img-size", "32", "--batch-size", "4", "--workers", "0", "
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A 2-step run's checkpoint (steps 2 of 4 planned... saved at its end)."""
+    """The checkpoint a 2-step run saves at its end."""
     out = tmp_path_factory.mktemp("run")
     assert cli.main(["pretrain", *TINY, "--steps", "2", "--output-dir", str(out)]) == 0
     return out / "checkpoint.pth"
