@@ -34,10 +34,26 @@ class RowNorm(NamedTuple):
     grid: int
 
 
-def row_norm(R: int, D: int, rows: int = 4) -> RowNorm:
-    """Forward of a per-row reduction: a few rows per program."""
-    block_d = triton.next_power_of_2(max(D, 1))
-    return RowNorm(block_d, rows, 4 if block_d <= 1024 else 8, max(1, triton.cdiv(R, rows)))
+class RowChunks(NamedTuple):
+    """A kernel that reduces whole rows held as ``chunks`` chunks of BLOCK_D lanes: ``rows`` rows per program."""
+
+    block_d: int
+    chunks: int
+    rows: int
+    num_warps: int
+    grid: int
+
+
+def row_norm(R: int, D: int, rows: int = 4, chunk: int = 256) -> RowChunks:
+    """Forward of a per-row reduction: a few rows per program. A row is one power-of-two block of lanes,
+    except for a width that is a multiple of ``chunk`` but no power of two (768, 1280): then D / chunk chunks,
+    so every lane is used (one block would leave a quarter of them idle at 768, 3/8 at 1280); two warps fill
+    a 256-lane chunk of fp32 with 16-byte loads."""
+    block = triton.next_power_of_2(max(D, 1))
+    grid = max(1, triton.cdiv(R, rows))
+    if block != D and D > chunk and D % chunk == 0:
+        return RowChunks(chunk, D // chunk, rows, 2, grid)
+    return RowChunks(block, 1, rows, 4 if block <= 1024 else 8, grid)
 
 
 def row_norm_partials(R: int, D: int, max_programs: int = 1024) -> RowNorm:

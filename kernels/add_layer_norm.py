@@ -1,6 +1,6 @@
 """Triton kernels: residual add + LayerNorm + cast in one pass, and its backward in one pass.
 
-Forward, per row of D values (rows R = N * T):
+Forward, per row of D values (rows R = N * T), the row in CHUNKS chunks of BLOCK_D lanes:
     s = x (+ branch) (+ branch_bias)           fp32 math, stored in s's dtype when there is a branch
     y = (s - mean) * rstd * weight + bias      of the stored s; mean and rstd in fp32 (saved, [R] each)
 Backward, per row, with dy (the gradient of y) and ds (of s, from the residual path), xhat = (s-mean)*rstd:
@@ -16,42 +16,64 @@ import triton.language as tl
 
 
 @triton.jit
+def _chunks(ptr, lanes, D, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A [D] parameter as CHUNKS fp32 chunks of BLOCK_D lanes (a tuple; 0 past D)."""
+    out = ()
+    for c in tl.static_range(CHUNKS):
+        cols = c * BLOCK_D + lanes
+        out = out + (tl.load(ptr + cols, mask=cols < D, other=0.0).to(tl.float32),)
+    return out
+
+
+@triton.jit
 def add_layer_norm_fwd_kernel(
     x_ptr, br_ptr, brb_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr,
     R, D, sx, sbr, eps, ROWS,
     HAS_BRANCH: tl.constexpr, HAS_BRANCH_BIAS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    # a row is CHUNKS chunks of BLOCK_D lanes kept in registers (a tuple): D = 768 is three chunks of 256,
+    # every lane used, where one power-of-two block (1024) would leave a quarter of the lanes idle
+    lanes = tl.arange(0, BLOCK_D)
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = _chunks(w_ptr, lanes, D, CHUNKS, BLOCK_D)
     if HAS_B:
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = _chunks(b_ptr, lanes, D, CHUNKS, BLOCK_D)
     if HAS_BRANCH_BIAS:
-        brb = tl.load(brb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        brb = _chunks(brb_ptr, lanes, D, CHUNKS, BLOCK_D)
     first = tl.program_id(0).to(tl.int64) * ROWS
     for i in range(ROWS):
         # rows past R (the last program's tail) redo row R - 1 and store the same values again
         row = tl.minimum(first + i, R - 1)
-        m = col_ok
-        v = tl.load(x_ptr + row * sx + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_BRANCH:
-            v += tl.load(br_ptr + row * sbr + cols, mask=m, other=0.0).to(tl.float32)
-            if HAS_BRANCH_BIAS:
-                v += brb
-            sv = v.to(s_ptr.dtype.element_ty)
-            tl.store(s_ptr + row * D + cols, sv, mask=m)
-            v = sv.to(tl.float32)  # normalise the stored s, as the backward sees it (exact for fp32)
-        mean = tl.sum(v, axis=0) / D
-        xc = tl.where(m, v - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-        y = xc * rstd
-        if HAS_W:
-            y = y * w
-        if HAS_B:
-            y = y + b
-        tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=m)
+        vs = ()
+        total = tl.zeros([], dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            cols = c * BLOCK_D + lanes
+            m = cols < D
+            v = tl.load(x_ptr + row * sx + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_BRANCH:
+                v += tl.load(br_ptr + row * sbr + cols, mask=m, other=0.0).to(tl.float32)
+                if HAS_BRANCH_BIAS:
+                    v += brb[c]
+                sv = v.to(s_ptr.dtype.element_ty)
+                tl.store(s_ptr + row * D + cols, sv, mask=m)
+                v = sv.to(tl.float32)  # normalise the stored s, as the backward sees it (exact for fp32)
+            vs = vs + (v,)
+            total += tl.sum(v, axis=0)
+        mean = total / D
+        sq = tl.zeros([], dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            xc = tl.where(c * BLOCK_D + lanes < D, vs[c] - mean, 0.0)
+            sq += tl.sum(xc * xc, axis=0)
+        rstd = 1.0 / tl.sqrt(sq / D + eps)
+        for c in tl.static_range(CHUNKS):
+            cols = c * BLOCK_D + lanes
+            y = (vs[c] - mean) * rstd
+            if HAS_W:
+                y = y * w[c]
+            if HAS_B:
+                y = y + b[c]
+            tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=cols < D)
         tl.store(mean_ptr + row, mean)
         tl.store(rstd_ptr + row, rstd)
 

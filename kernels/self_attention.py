@@ -12,25 +12,13 @@ from ._tiles import row_tile
 
 
 @triton.jit
-def pack_qkv_grad_kernel(
-    dq_ptr, dk_ptr, dv_ptr, out_ptr, part_ptr,
-    R, N, H, HD, ROWS,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    NEED_PART: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HD: tl.constexpr,
-):
-    g = tl.program_id(0)
-    h = tl.program_id(1)
-    part = tl.program_id(2)
-    if part == 0:
-        src, sb, sh, sn, sd = dq_ptr, sqb, sqh, sqn, sqd
-    elif part == 1:
-        src, sb, sh, sn, sd = dk_ptr, skb, skh, skn, skd
-    else:
-        src, sb, sh, sn, sd = dv_ptr, svb, svh, svn, svd
+def _pack_part(src, sb, sh, sn, sd, out_ptr, part_ptr, g, h, R, N, H, HD, ROWS,
+               PART: tl.constexpr, NEED_PART: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HD: tl.constexpr):
+    """Rows g*ROWS .. of head h of one part (0: dq, 1: dk, 2: dv) into dqkv, and their column sums."""
     j = tl.arange(0, BLOCK_HD)
     j_ok = j < HD
     D = H * HD
-    col = part * D + h * HD + j  # [BLOCK_HD] column of dqkv
+    col = PART * D + h * HD + j  # [BLOCK_HD] column of dqkv
     acc = tl.zeros([BLOCK_HD], dtype=tl.float32)
     first = g.to(tl.int64) * ROWS
     for r0 in range(0, ROWS, BLOCK_R):
@@ -43,3 +31,27 @@ def pack_qkv_grad_kernel(
             acc += tl.sum(v.to(tl.float32), axis=0)
     if NEED_PART:
         tl.store(part_ptr + g.to(tl.int64) * (3 * D) + col, acc, mask=j_ok)
+
+
+@triton.jit
+def pack_qkv_grad_kernel(
+    dq_ptr, dk_ptr, dv_ptr, out_ptr, part_ptr,
+    R, N, H, HD, ROWS,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    NEED_PART: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HD: tl.constexpr,
+):
+    # each part is its own specialisation of _pack_part (PART a constexpr, the source pointer and strides
+    # kernel arguments, not a value picked at run time), so each keeps its pointer's alignment and unit
+    # stride and its loads vectorise; the branch is uniform per program
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    part = tl.program_id(2)
+    if part == 0:
+        _pack_part(dq_ptr, sqb, sqh, sqn, sqd, out_ptr, part_ptr, g, h, R, N, H, HD, ROWS,
+                   PART=0, NEED_PART=NEED_PART, BLOCK_R=BLOCK_R, BLOCK_HD=BLOCK_HD)
+    elif part == 1:
+        _pack_part(dk_ptr, skb, skh, skn, skd, out_ptr, part_ptr, g, h, R, N, H, HD, ROWS,
+                   PART=1, NEED_PART=NEED_PART, BLOCK_R=BLOCK_R, BLOCK_HD=BLOCK_HD)
+    else:
+        _pack_part(dv_ptr, svb, svh, svn, svd, out_ptr, part_ptr, g, h, R, N, H, HD, ROWS,
+                   PART=2, NEED_PART=NEED_PART, BLOCK_R=BLOCK_R, BLOCK_HD=BLOCK_HD)

@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from .nn import get_attn_backend
+from .ops._checks import check_int, check_number, check_ratio
 
 __all__ = ["TrainStep"]
 
@@ -155,8 +156,7 @@ class TrainStep:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+        mask_ratio = check_ratio("mask_ratio", mask_ratio)  # a float, numpy scalar or 0-d tensor, as the model
         if amp == "fp16":
             raise ValueError("amp='fp16' needs loss scaling (a GradScaler), which TrainStep does not do; use "
                              "amp='bf16' (same speed on recent GPUs, no scaling needed) or amp=None")
@@ -164,9 +164,10 @@ class TrainStep:
             raise ValueError(f"amp must be 'bf16', 'fp32' or None, got {amp!r}")
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
-                                      or not math.isfinite(grad_clip) or grad_clip <= 0):
-            raise ValueError(f"grad_clip must be a positive number or None, got {grad_clip!r}")
+        if grad_clip is not None:
+            grad_clip = check_number("grad_clip", grad_clip)
+            if not (0 < grad_clip < math.inf):
+                raise ValueError(f"grad_clip must be > 0 and finite (or None), got {grad_clip}")
         if scheduler is not None:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 raise ValueError("scheduler: ReduceLROnPlateau steps on a metric; call its step(metric) yourself "
@@ -175,8 +176,7 @@ class TrainStep:
                 raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
             if getattr(scheduler, "optimizer", optimizer) is not optimizer:
                 raise ValueError("scheduler belongs to another optimizer than the one given")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
+        warmup = check_int("warmup", warmup, 1)
 
         params = list(model.parameters())
         devices = {p.device for p in params}

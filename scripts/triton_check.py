@@ -3,15 +3,17 @@
 Each op runs once (forward and backward, fp32 and bf16, with and without its optional inputs) through
 Triton's interpreter on the CPU (in a subprocess), and so does one training step of the ViT-B/16 and
 ViT-L/16 fast models at batch 256 on fake tensors (the launch configurations of a real run), and so do the
-attention kernels at the MAE shapes; every launch
-is recorded: its argument types, constexprs, num_warps and num_stages, and which arguments Triton's launcher
-would mark divisible by 16 (16-byte aligned tensors, integers that are multiples of 16: the hints that
-let loads vectorise). The MLP's GEMMs run at the ViT-B/16 and ViT-L/16 shapes on fake tensors too. Each
-distinct launch signature is then compiled for an H100/H200 (GPUTarget cuda 90) by Triton's own compiler, without a GPU, and ptxas reports its registers, spills and shared memory. So the kernels are
-type-checked by the real compiler on machines without a GPU (the interpreter accepts some code the compiler
-rejects), and a kernel that spills registers shows up here. Exit status 1 if any kernel fails to compile.
+attention kernels at the MAE shapes and the MLP's GEMMs at the ViT-B/16 and ViT-L/16 shapes. Every launch is
+recorded with the specialisation Triton's launcher gives it: argument types, constexprs (ints equal to 1
+among them), num_warps and num_stages, and which arguments it marks divisible by 16 (16-byte aligned tensors,
+integers that are multiples of 16: the hints that let loads vectorise). Each distinct launch signature is then
+compiled for an H100/H200 (GPUTarget cuda 90) by Triton's own compiler, without a GPU: ptxas reports its
+registers, spills and shared memory, and the PTX gives the count of vector (.v2/.v4) global loads among all.
+So the kernels are type-checked by the real compiler on machines without a GPU (the interpreter accepts some
+code the compiler rejects), and a kernel that spills registers or loads contiguous data one element at a time
+shows up here. Exit status 1 if any kernel fails to compile.
 
-    python scripts/triton_check.py [--verbose]
+    python scripts/triton_check.py [--verbose] [--kernels NAME,...]
 """
 import argparse
 import contextlib
@@ -140,6 +142,8 @@ def signature(kernel, args, kwargs):
             sig[name] = "*" + TYPES[value.dtype]
         elif isinstance(value, bool):
             sig[name] = "i1"
+        elif isinstance(value, int) and value == 1:  # Triton's launcher specialises it as a constant
+            sig[name], constexprs[name] = "constexpr", 1
         elif isinstance(value, int):
             sig[name] = "i64" if abs(value) >= 2**31 else "i32"
         elif isinstance(value, float):
@@ -151,6 +155,14 @@ def signature(kernel, args, kwargs):
     aligned = [i for i, (name, value) in enumerate(zip(names, args))
                if name not in constexprs and _divisible_by_16(value)]
     return sig, constexprs, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3), aligned
+
+
+def global_loads(ptx: str):
+    """(vector, all) counts of the global loads in the PTX: ``ld.global`` instructions, vector ones
+    (``.v2``/``.v4``) among them. Scalar loads where the data is contiguous mean a pointer or stride the
+    compiler could not prove aligned or unit."""
+    loads = re.findall(r"\bld\.global(?:\.[a-z0-9]+)*", ptx)
+    return sum(1 for op in loads if ".v2" in op or ".v4" in op), len(loads)
 
 
 def resources(ptx: str, ptxas: str):
@@ -260,30 +272,35 @@ def compile_all(lines, verbose: bool) -> int:
                                       target=target,
                                       options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
             regs, spills, smem = resources(compiled.asm["ptx"], ptxas)
-            rows.append((launch["name"], regs, spills if launch["real"] else 0, smem, "ok"))
+            vec, loads = global_loads(compiled.asm["ptx"])
+            rows.append((launch["name"], regs, spills if launch["real"] else 0, smem, (vec, loads), "ok"))
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
-            rows.append((launch["name"], -1, 0, 0, f"FAILED: {type(e).__name__}: {str(e).strip()[:400]}"))
+            rows.append((launch["name"], -1, 0, 0, (0, 0), f"FAILED: {type(e).__name__}: {str(e).strip()[:400]}"))
         if verbose:
             print(rows[-1], launch["constexprs"], launch["num_warps"])
     by_kernel = {}
-    for name, regs, spills, smem, status in rows:
-        k = by_kernel.setdefault(name, [0, 0, 0, 0, "ok"])
+    for name, regs, spills, smem, (vec, loads), status in rows:
+        k = by_kernel.setdefault(name, [0, 0, 0, 0, 0, 0, "ok"])
         k[0] += 1
         k[1], k[2], k[3] = max(k[1], regs), max(k[2], spills), max(k[3], smem)
+        k[4], k[5] = k[4] + vec, k[5] + loads
         if status != "ok":
-            k[4] = status
+            k[6] = status
     print(f"triton-check: {len(rows)} launch signatures of {len(by_kernel)} kernels compiled for sm_90 "
           f"in {time.perf_counter() - t0:.0f} s (max registers / shared bytes per kernel; spill bytes at the "
-          f"configurations of a ViT-B/16 and ViT-L/16 step, batch 256)")
-    for name, (n, regs, spills, smem, status) in sorted(by_kernel.items()):
-        print(f"  {name:28s} {n:3d} variants  regs {regs:4d}  spills {spills:5d}  smem {smem:6d}  {status}")
+          f"configurations of a ViT-B/16 and ViT-L/16 step, batch 256; global loads in the PTX: vector (.v2/.v4) "
+          f"of all, summed over the variants)")
+    for name, (n, regs, spills, smem, vec, loads, status) in sorted(by_kernel.items()):
+        print(f"  {name:28s} {n:3d} variants  regs {regs:4d}  spills {spills:5d}  smem {smem:6d}  "
+              f"vector loads {vec:4d}/{loads:<4d}  {status}")
     return 1 if failed else 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--verbose", action="store_true", help="one line per compiled launch signature")
+    ap.add_argument("--kernels", help="comma-separated kernel names: compile only these (all are recorded)")
     ap.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # the interpreter subprocess
     args = ap.parse_args(argv)
     if args.record:
@@ -296,7 +313,10 @@ def main(argv=None) -> int:
         print(res.stdout[-3000:], res.stderr[-5000:])
         return 1
     os.environ.pop("TRITON_INTERPRET", None)
-    return compile_all([json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")], args.verbose)
+    launches = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    if args.kernels:
+        launches = [x for x in launches if x["name"] in args.kernels.split(",")]
+    return compile_all(launches, args.verbose)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import contextlib
 import importlib
 import warnings
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn as nn
@@ -223,7 +225,7 @@ def _bad(**kw):
     (dict(optimizer=object()), TypeError, "optimizer must be a torch.optim.Optimizer"),
     (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)), ValueError, "none of the model's"),
     (dict(mask_ratio=1.0), ValueError, "mask_ratio"),
-    (dict(mask_ratio=True), ValueError, "mask_ratio"),
+    (dict(mask_ratio=True), TypeError, "mask_ratio"),
     (dict(amp="fp16"), ValueError, "GradScaler"),
     (dict(amp="int8"), ValueError, "amp must be"),
     (dict(cuda_graph="yes"), TypeError, "cuda_graph"),
@@ -571,3 +573,35 @@ def test_gpu_recaptures():
         torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
         assert graphed.captures == 4
         assert graphed.model.decoder_pred.weight.grad is None
+
+
+# ------------------------------------------------------------------------------ number arguments
+@pytest.mark.parametrize("value", [0.75, np.float32(0.75), np.float64(0.75), torch.tensor(0.75)],
+                         ids=lambda v: type(v).__name__)
+def test_train_step_takes_the_model_s_mask_ratio_forms(value):
+    model = models.mae_vit_tiny_patch8(img_size=16)
+    model(torch.rand(2, 3, 16, 16), value)  # the model takes it
+    step = TrainStep(model, torch.optim.AdamW(model.parameters()), value, amp=None)
+    assert step.mask_ratio == 0.75 and type(step.mask_ratio) is float
+    step(torch.rand(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("kwargs,err,msg", [
+    (dict(mask_ratio=1.0), ValueError, r"mask_ratio must be in \[0, 1\)"),
+    (dict(mask_ratio="0.75"), TypeError, "mask_ratio must be a real number"),
+    (dict(grad_clip=np.float32(1.0)), None, None),
+    (dict(grad_clip=torch.tensor(1.0)), None, None),
+    (dict(grad_clip=0.0), ValueError, "grad_clip must be > 0"),
+    (dict(grad_clip="1"), TypeError, "grad_clip must be a real number"),
+    (dict(warmup=np.int64(2)), None, None),
+    (dict(warmup=0), ValueError, "warmup must be >= 1"),
+    (dict(warmup=1.5), TypeError, "warmup must be an int"),
+])
+def test_train_step_numbers(kwargs, err, msg):
+    model = models.mae_vit_tiny_patch8(img_size=16)
+    opt = torch.optim.AdamW(model.parameters())
+    if err is None:
+        TrainStep(model, opt, amp=None, **kwargs)
+    else:
+        with pytest.raises(err, match=msg):
+            TrainStep(model, opt, amp=None, **kwargs)

@@ -47,6 +47,17 @@ def check_number(name: str, value, *, minimum: Optional[float] = None) -> float:
     return value
 
 
+def check_int(name: str, value, minimum: Optional[int] = None, *, what: Optional[str] = None) -> int:
+    """An integer (Python, numpy, or a 0-d integer tensor) as an int; TypeError/ValueError naming it.
+    ``what`` replaces "an int" / ">= minimum" in both messages (e.g. "a positive int")."""
+    value = _as_python_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {what or 'an int'}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {what or f'>= {minimum}'}, got {value!r}")
+    return int(value)
+
+
 def check_ratio(name: str, value) -> float:
     """A ratio in [0, 1) as a float (Python, numpy, 0-d tensor); TypeError/ValueError naming it."""
     value = check_number(name, value)
@@ -127,22 +138,26 @@ def check_permutation_rows(name: str, ids: torch.Tensor) -> None:
         raise ValueError(f"{name} rows must be permutations of [0, L)")
 
 
+def check_patch_sizes(patch_size, t_patch_size) -> tuple:
+    """(patch_size, t_patch_size) as positive ints (Python, numpy or 0-d tensors); TypeError/ValueError naming
+    the argument."""
+    return (check_int("patch_size", patch_size, 1, what="a positive int"),
+            check_int("t_patch_size", t_patch_size, 1, what="a positive int"))
+
+
 def check_clip_grid(imgs: torch.Tensor, patch_size, t_patch_size) -> tuple:
     """Validate imgs [N, C, H, W] or a video [N, C, T, H, W] against (t_patch_size, patch_size).
 
-    Returns (N, C, T, H, W, L) with T = 1 for an image and L = T/u * H/p * W/p tokens. Raises TypeError
-    for a non-int size and ValueError for shapes that do not split into tubelets, naming the argument.
+    Returns (N, C, T, H, W, L) with T = 1 for an image and L = T/u * H/p * W/p tokens. The sizes may be
+    numpy integers or 0-d tensors (:func:`check_patch_sizes`). Raises
+    TypeError for a non-int size and ValueError for shapes that do not split into tubelets, naming the
+    argument.
     """
     check_tensor("imgs", imgs, dtypes=FLOAT_DTYPES)
     if imgs.dim() not in (4, 5):
         raise ValueError(f"imgs must have 4 dims ([N, C, H, W]) or 5 dims ([N, C, T, H, W]), "
                          f"got shape {_fmt_shape(imgs.shape)}")
-    for name, v in (("patch_size", patch_size), ("t_patch_size", t_patch_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be a positive int, got {v!r}")
-        if v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    p, u = patch_size, t_patch_size
+    p, u = check_patch_sizes(patch_size, t_patch_size)
     N, C, H, W = imgs.shape[0], imgs.shape[1], imgs.shape[-2], imgs.shape[-1]
     if imgs.dim() == 4 and u != 1:
         raise ValueError(f"t_patch_size must be 1 for 4-D imgs [N, C, H, W], got {u} (pass a video as [N, C, T, H, W])")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -11,10 +12,22 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulator dtype of a sum of ``t``: float64 for float64, else fp32 (``t.sum(dtype=...)`` reduces
+    in it without an fp32 copy of t)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [R, D] with a unit last stride (a view when possible): the layout of the row kernels."""
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(t.shape[:-1].numel(), t.shape[-1])  # also for 0 columns, where -1 is ambiguous
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A [D] parameter (weight, bias) with a unit stride, as the row kernels read it: the tensor itself when
+    contiguous, else a copy of its D values (a strided or expanded view: one small launch); None stays None."""
+    return None if t is None else t.contiguous()
 
 
 def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:

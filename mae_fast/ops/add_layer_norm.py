@@ -15,10 +15,10 @@ from torch import Tensor
 from mae_fast.kernels import _launch
 from mae_fast.kernels import add_layer_norm as _k
 
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._checks import FLOAT_DTYPES, check_number, check_shape, check_tensor
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
-from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._tensors import autocast_off, dense, rows, unused_pointer, wide
 from ._triton import launch
 from .paths import use_triton
 
@@ -63,24 +63,27 @@ def add_layer_norm_backward_torch(dy: Tensor, s: Tensor, weight: Optional[Tensor
 @register_op("add_layer_norm")
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, branch: Optional[Tensor],
              branch_bias: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    R, D = x.shape
+    if R == 0 or D == 0:  # nothing to normalise, on either path (no launch, no statistics of empty rows)
+        stat = torch.zeros((R,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+        return (torch.empty((R, D), dtype=out_dtype, device=x.device),
+                torch.empty((R, D) if branch is not None else (0,), dtype=x.dtype, device=x.device), stat, stat.clone())
     if not use_triton(x):
         return add_layer_norm_torch(x, weight, bias, eps, branch, branch_bias, out_dtype)
-    R, D = x.shape
     y = torch.empty((R, D), dtype=out_dtype, device=x.device)
     s = torch.empty((R, D) if branch is not None else (0,), dtype=x.dtype, device=x.device)
     mean = torch.empty((R,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
-    if R == 0:
-        return y, s, mean, rstd
     cfg = _launch.row_norm(R, D)
     dummy = unused_pointer(x)
+    weight, bias, branch_bias = dense(weight), dense(bias), dense(branch_bias)  # the kernel reads them with stride 1
     launch(_k.add_layer_norm_fwd_kernel)[(cfg.grid,)](
         x, branch if branch is not None else dummy, branch_bias if branch_bias is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         s if branch is not None else dummy, y, mean, rstd,
         R, D, x.stride(0), branch.stride(0) if branch is not None else 0, eps, cfg.rows,
         HAS_BRANCH=branch is not None, HAS_BRANCH_BIAS=branch_bias is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        HAS_B=bias is not None, BLOCK_D=cfg.block_d, CHUNKS=cfg.chunks, num_warps=cfg.num_warps,
     )
     return y, s, mean, rstd
 
@@ -98,6 +101,7 @@ def _backward(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rst
     cfg = _launch.row_norm_partials(R, D)
     part = torch.empty((cfg.grid, 3, D), dtype=torch.float32, device=dy.device)
     dummy = unused_pointer(dy)
+    weight = dense(weight)  # the kernel reads it with stride 1
     launch(_k.add_layer_norm_bwd_kernel)[(cfg.grid,)](
         dy, s, weight if weight is not None else dummy, mean, rstd, ds if ds is not None else dummy, dz,
         dbr if dbr_dtype is not None else dummy, part,
@@ -117,17 +121,18 @@ class _AddLayerNorm(torch.autograd.Function):
             br2 = rows(branch) if branch is not None else None
             y, s, mean, rstd = _forward(x2, weight, bias, float(eps), br2, branch_bias, out_dtype)
         s2 = s if branch is not None else x2
-        ctx.save_for_backward(s2, weight, mean, rstd)
+        a = anchor(x)
+        ctx.save_for_backward(s2, weight, mean, rstd, a)
         ctx.shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         ctx.branch_dtype = None if branch is None else branch.dtype
         ctx.branch_bias_dtype = None if branch_bias is None else branch_bias.dtype
         s_out = s.view(x.shape) if branch is not None else x  # without a branch, s is x itself
-        return y.view(x.shape[:-1] + (x.shape[-1],)), s_out
+        return y.view(x.shape[:-1] + (x.shape[-1],)), s_out, a
 
     @staticmethod
     @once_differentiable("add_layer_norm")
     def backward(ctx, dy, ds):
-        s2, weight, mean, rstd = ctx.saved_tensors
+        s2, weight, mean, rstd, _ = ctx.saved_tensors
         shape, x_dtype, has_bias = ctx.shape, ctx.x_dtype, ctx.has_bias
         br_dtype, brb_dtype = ctx.branch_dtype, ctx.branch_bias_dtype
         need_x, need_w, need_b, _, need_br, need_brb, _ = ctx.needs_input_grad
@@ -174,7 +179,5 @@ def add_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
         out_dtype = x.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of float32, bfloat16, float16, got {out_dtype}")
-    eps = float(eps)
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return _AddLayerNorm.apply(x, weight, bias, eps, branch, branch_bias, out_dtype)
+    eps = check_number("eps", eps, minimum=0.0)
+    return apply(_AddLayerNorm, "add_layer_norm", x, weight, bias, eps, branch, branch_bias, out_dtype)

@@ -14,9 +14,9 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import bias_gelu as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
-from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._tensors import autocast_off, dense, rows, unused_pointer, wide
 from ._triton import launch
 from .paths import use_triton
 
@@ -46,6 +46,7 @@ def _forward(h: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     if a.numel() == 0:
         return a
     cfg = _launch.row_tiles(R, Fd)
+    bias = dense(bias)  # the kernel reads it with stride 1
     launch(_k.bias_gelu_fwd_kernel)[cfg.grid](
         h, bias if bias is not None else unused_pointer(h), a, R, Fd, h.stride(0), cfg.rows,
         HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK_R=cfg.block_r, BLOCK_F=cfg.block_f,
@@ -64,6 +65,7 @@ def _backward(da: Tensor, h: Tensor, bias: Optional[Tensor], approximate: str) -
         return dh, torch.zeros((Fd,), dtype=torch.float32, device=h.device)
     cfg = _launch.row_tiles(R, Fd)
     part = torch.empty((cfg.grid[0], Fd), dtype=torch.float32, device=h.device)
+    bias = dense(bias)  # the kernel reads it with stride 1
     launch(_k.bias_gelu_bwd_kernel)[cfg.grid](
         da, h, bias if bias is not None else unused_pointer(h), dh, part, R, Fd, da.stride(0), h.stride(0), cfg.rows,
         HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK_R=cfg.block_r, BLOCK_F=cfg.block_f,
@@ -77,15 +79,16 @@ class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, bias, approximate):
         h2 = rows(h)
-        ctx.save_for_backward(h2, bias)
+        a = anchor(h)
+        ctx.save_for_backward(h2, bias, a)
         ctx.shape, ctx.approximate = h.shape, approximate
         with autocast_off(h):
-            return _forward(h2, bias, approximate).view(h.shape)
+            return _forward(h2, bias, approximate).view(h.shape), a
 
     @staticmethod
     @once_differentiable("bias_gelu")
     def backward(ctx, da):
-        h2, bias = ctx.saved_tensors
+        h2, bias, _ = ctx.saved_tensors
         with autocast_off(h2):
             dh, dbias = _backward(rows(da), h2, bias, ctx.approximate)
         need_h, need_bias, _ = ctx.needs_input_grad
@@ -104,4 +107,4 @@ def bias_gelu(h: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
         check_shape("bias", bias, (h.shape[-1],))
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    return _BiasGelu.apply(h, bias, approximate)
+    return apply(_BiasGelu, "bias_gelu", h, bias, approximate)

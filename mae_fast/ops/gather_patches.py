@@ -15,9 +15,10 @@ from torch import Tensor
 from mae_fast.kernels import _launch
 from mae_fast.kernels import gather_patches as _k
 
-from ._checks import INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
+from ._checks import (INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled, check_patch_sizes,
+                      check_shape, check_tensor)
 from ._indices import index_map, poison_rows, valid_and_clamped
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
 from ._tensors import wide
 from ._triton import launch
@@ -104,14 +105,15 @@ def _backward(grad: Tensor, ids_keep: Tensor, C: int, T: int, H: int, W: int, pa
 class _GatherPatches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, imgs, ids_keep, patch_size, t_patch_size):
-        ctx.save_for_backward(ids_keep)
+        a = anchor(imgs)
+        ctx.save_for_backward(ids_keep, a)
         ctx.shape, ctx.dtype, ctx.sizes = tuple(imgs.shape), imgs.dtype, (patch_size, t_patch_size)
-        return _forward(imgs, ids_keep, patch_size, t_patch_size)
+        return _forward(imgs, ids_keep, patch_size, t_patch_size), a
 
     @staticmethod
     @once_differentiable("gather_patches")
     def backward(ctx, grad):
-        (ids_keep,) = ctx.saved_tensors
+        ids_keep, _ = ctx.saved_tensors
         C, H, W = ctx.shape[1], ctx.shape[-2], ctx.shape[-1]
         T = ctx.shape[2] if len(ctx.shape) == 5 else 1
         gi = _backward(grad, ids_keep, C, T, H, W, *ctx.sizes)
@@ -128,6 +130,7 @@ def gather_patches(imgs: Tensor, ids_keep: Tensor, patch_size: int, *, t_patch_s
     ``check_indices`` as :func:`mae_fast.ops.gather_tokens`: unchecked, an id outside [0, L) gives a NaN row
     and a repeated id the summed gradient.
     """
+    patch_size, t_patch_size = check_patch_sizes(patch_size, t_patch_size)
     N, _, _, _, _, L = check_clip_grid(imgs, patch_size, t_patch_size)
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, device=imgs.device)
     check_shape("ids_keep", ids_keep, (N, None))
@@ -135,4 +138,4 @@ def gather_patches(imgs: Tensor, ids_keep: Tensor, patch_size: int, *, t_patch_s
         raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} patches but imgs has only L={L}")
     if check_indices_enabled(check_indices, imgs.device):
         check_distinct_rows("ids_keep", ids_keep, L)
-    return _GatherPatches.apply(imgs, ids_keep, patch_size, t_patch_size)
+    return apply(_GatherPatches, "gather_patches", imgs, ids_keep, patch_size, t_patch_size)

@@ -16,7 +16,7 @@ from mae_fast.kernels import gather_tokens as _k
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_distinct_rows, check_indices_enabled, check_shape, check_tensor
 from ._indices import index_map, poison_rows, valid_and_clamped
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
 from ._tensors import no_grad_placeholder, unused_pointer, wide
 from ._triton import launch
@@ -86,7 +86,7 @@ def _backward(grad: Tensor, ids_keep: Tensor, L: int, P: int, need_x: bool, need
         return gather_tokens_backward_torch(grad, ids_keep, L, P, need_x, need_pos, need_prefix)
     N, _, D = grad.shape
     gx = torch.empty((N, L, D) if need_x else (0,), dtype=grad.dtype, device=grad.device)
-    if N == 0 or D == 0:
+    if N == 0 or D == 0 or P + L == 0:  # nothing to launch over
         gpos = torch.zeros((1, L, D), dtype=torch.float32, device=grad.device) if need_pos else no_grad_placeholder(grad)
         gpre = torch.zeros((1, P, D), dtype=torch.float32, device=grad.device) if need_prefix else no_grad_placeholder(grad)
         return gx.zero_(), gpos, gpre
@@ -109,20 +109,21 @@ def _backward(grad: Tensor, ids_keep: Tensor, L: int, P: int, need_x: bool, need
 class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids_keep, pos_embed, prefix):
-        ctx.save_for_backward(ids_keep)
+        a = anchor(x)
+        ctx.save_for_backward(ids_keep, a)
         ctx.L, ctx.P = x.shape[1], 0 if prefix is None else prefix.shape[1]
         ctx.dtypes = (x.dtype, None if pos_embed is None else pos_embed.dtype,
                       None if prefix is None else prefix.dtype)
-        return _forward(x, ids_keep, pos_embed, prefix)
+        return _forward(x, ids_keep, pos_embed, prefix), a
 
     @staticmethod
     @once_differentiable("gather_tokens")
     def backward(ctx, grad):
-        (ids_keep,) = ctx.saved_tensors
+        ids_keep, _ = ctx.saved_tensors
         x_dtype, pos_dtype, prefix_dtype = ctx.dtypes
         need_x, _, need_pos, need_prefix = ctx.needs_input_grad
         need_pos, need_prefix = need_pos and pos_dtype is not None, need_prefix and prefix_dtype is not None
-        gx, gpos, gpre = _backward(grad.contiguous(), ids_keep, ctx.L, ctx.P, need_x, need_pos, need_prefix)
+        gx, gpos, gpre = _backward(grad, ids_keep, ctx.L, ctx.P, need_x, need_pos, need_prefix)
         return (gx.to(x_dtype) if need_x else None, None,
                 gpos.to(pos_dtype) if need_pos else None, gpre.to(prefix_dtype) if need_prefix else None)
 
@@ -152,4 +153,4 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos_embed: Optional[Tensor] = Non
         check_shape("prefix", prefix, (1, None, D))
     if check_indices_enabled(check_indices, x.device):
         check_distinct_rows("ids_keep", ids_keep, L)
-    return _GatherTokens.apply(x, ids_keep, pos_embed, prefix)
+    return apply(_GatherTokens, "gather_tokens", x, ids_keep, pos_embed, prefix)

@@ -17,9 +17,9 @@ from torch import Tensor
 from mae_fast.kernels import norm_pix_loss as _k
 
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_clip_grid, check_distinct_rows, check_indices_enabled,
-                      check_number, check_same_device, check_shape, check_tensor)
+                      check_number, check_patch_sizes, check_same_device, check_shape, check_tensor)
 from ._indices import valid_and_clamped
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, no_torch_func, once_differentiable
 from ._op import register_op
 from ._tensors import autocast_off, wide
 from ._triton import launch
@@ -195,7 +195,7 @@ def _scale_triton(gbuf, unscale, grad_loss, out, config=None):
 @register_op("norm_pix_loss_fwd")
 def _forward(pred: Tensor, imgs: Tensor, weight: Optional[Tensor], ids: Optional[Tensor], patch_size: int,
              norm_pix: bool, eps: float, t_patch_size: int, write_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if not use_triton(pred):
+    if not (use_triton(pred) and use_triton(imgs)):  # a float64 imgs too: the float64 loss of the torch path
         return norm_pix_loss_forward_torch(pred, imgs, weight, ids, patch_size, norm_pix, eps, t_patch_size, write_grad)
     return norm_pix_loss_forward_triton(pred, imgs, weight, ids, patch_size, norm_pix, eps, t_patch_size, write_grad)
 
@@ -230,18 +230,20 @@ class _NormPixLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, imgs, weight, ids, p, norm_pix, eps, u):
         loss, gbuf, unscale = _forward(pred, imgs, weight, ids, p, norm_pix, eps, u, True)
+        a = anchor(pred)
         if dispatching():  # traced: functional, the buffer is an ordinary saved tensor
-            ctx.save_for_backward(gbuf, unscale)
+            ctx.save_for_backward(gbuf, unscale, a)
             ctx.buffer = None
         else:  # eager: kept as an attribute so that the backward can hand it out and drop it
+            ctx.save_for_backward(a)
             ctx.buffer = [gbuf, unscale]
-        return loss
+        return loss, a
 
     @staticmethod
     @once_differentiable("norm_pix_loss")
     def backward(ctx, grad_loss):
         if ctx.buffer is None:
-            gbuf, unscale = ctx.saved_tensors
+            gbuf, unscale, _ = ctx.saved_tensors
             return _backward(gbuf, unscale, grad_loss), None, None, None, None, None, None, None
         if not ctx.buffer:
             raise RuntimeError(_SECOND_BACKWARD)
@@ -251,10 +253,11 @@ class _NormPixLoss(torch.autograd.Function):
 
 
 def _loss(pred, imgs, weight, ids, p, norm_pix, eps, u):
+    no_torch_func("norm_pix_loss")
     if imgs.requires_grad and torch.is_grad_enabled():  # rare (imgs are data): autograd through the formula
         return _loss_autograd(pred, imgs, weight, ids, p, norm_pix, eps, u)
     if pred.requires_grad and torch.is_grad_enabled():
-        return _NormPixLoss.apply(pred, imgs, weight, ids, p, norm_pix, eps, u)
+        return apply(_NormPixLoss, "norm_pix_loss", pred, imgs, weight, ids, p, norm_pix, eps, u)
     return _forward(pred, imgs, weight, ids, p, norm_pix, eps, u, False)[0]  # loss only: no buffer written
 
 
@@ -298,6 +301,7 @@ def norm_pix_loss(
     (and NaN gradient rows). Eager calls support one backward per forward.
     """
     check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES)
+    patch_size, t_patch_size = check_patch_sizes(patch_size, t_patch_size)
     n, c, t, h, w, num_patches = check_clip_grid(imgs, patch_size, t_patch_size)
     eps = check_number("eps", eps, minimum=0.0)
     p, u = patch_size, t_patch_size

@@ -11,13 +11,12 @@ implementations here). docs/OPS.md has the key layout and the tube order.
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.mae_fast.*)
-from ._checks import _as_python_scalar, check_ratio
+from ._checks import check_int, check_ratio
 
 __all__ = ["Masking", "random_masking", "masking_reference", "num_kept"]
 
@@ -96,20 +95,11 @@ def _check_device(device: torch.device) -> None:
             raise ValueError(f"device is {device} but only {torch.cuda.device_count()} CUDA device(s) exist")
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    value = _as_python_scalar(value)  # a numpy integer or a 0-d tensor as a Python int
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _sizes(batch_size, num_tokens, mask_ratio, frames) -> Tuple[int, int, int, int]:
     """Validate the sizes; return (batch_size, spatial_tokens, spatial_keep, frames)."""
-    batch_size = _check_int("batch_size", batch_size, 0)
-    num_tokens = _check_int("num_tokens", num_tokens, 1)
-    frames = _check_int("frames", frames, 1)
+    batch_size = check_int("batch_size", batch_size, 0)
+    num_tokens = check_int("num_tokens", num_tokens, 1)
+    frames = check_int("frames", frames, 1)
     mask_ratio = check_ratio("mask_ratio", mask_ratio)
     if num_tokens % frames != 0:
         raise ValueError(f"num_tokens ({num_tokens}) must be divisible by frames ({frames})")
@@ -189,8 +179,8 @@ def _random_masking_seeded(
     batch_size, spatial_tokens, spatial_keep, frames = _sizes(batch_size, num_tokens, mask_ratio, frames)
     device = _normalize_device("cpu" if device is None else device)
     _check_device(device)
-    _check_int("seed", seed, 0)
-    _check_int("offset", offset, 0)
+    check_int("seed", seed, 0)
+    check_int("offset", offset, 0)
     if seed >= 2**63:
         raise ValueError(f"seed must be < 2**63, got {seed}")
     if offset % 4 != 0:

@@ -14,9 +14,9 @@ from mae_fast.kernels import _launch
 from mae_fast.kernels import residual_add as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
-from ._tensors import autocast_off, rows, unused_pointer, wide
+from ._tensors import autocast_off, dense, rows, unused_pointer, wide
 from ._triton import launch
 from .paths import use_triton
 
@@ -44,6 +44,7 @@ def _forward(s: Tensor, branch: Tensor, bias: Optional[Tensor]) -> Tensor:
     if out.numel() == 0:
         return out
     cfg = _launch.row_tiles(R, D)
+    bias = dense(bias)  # the kernel reads it with stride 1
     launch(_k.residual_add_fwd_kernel)[cfg.grid](
         s, branch, bias if bias is not None else unused_pointer(s), out, R, D, s.stride(0), branch.stride(0),
         cfg.rows, HAS_BIAS=bias is not None, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_f, num_warps=cfg.num_warps,
@@ -73,8 +74,10 @@ class _ResidualAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, branch, bias):
         ctx.meta = (s.shape, s.dtype, branch.dtype, None if bias is None else bias.dtype)
+        a = anchor(s)
+        ctx.save_for_backward(a)
         with autocast_off(s):
-            return _forward(rows(s), rows(branch), bias).view(s.shape)
+            return _forward(rows(s), rows(branch), bias).view(s.shape), a
 
     @staticmethod
     @once_differentiable("residual_add")
@@ -94,9 +97,11 @@ def residual_add(s: Tensor, branch: Tensor, bias: Optional[Tensor] = None) -> Te
     """s + branch + bias in s's dtype (fp32 math); s and branch [..., D], bias [D] or None; autograd to all."""
     check_tensor("s", s, dtypes=FLOAT_DTYPES)
     check_tensor("branch", branch, dtypes=FLOAT_DTYPES, device=s.device)
-    if s.dim() < 1 or branch.shape != s.shape:
+    if s.dim() < 1:
+        raise ValueError(f"s must have at least 1 dim ([..., D]), got shape {list(s.shape)}")
+    if branch.shape != s.shape:
         raise ValueError(f"branch must have s's shape {list(s.shape)}, got {list(branch.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=s.device)
         check_shape("bias", bias, (s.shape[-1],))
-    return _ResidualAdd.apply(s, branch, bias)
+    return apply(_ResidualAdd, "residual_add", s, branch, bias)

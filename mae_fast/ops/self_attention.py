@@ -18,10 +18,10 @@ from torch import Tensor
 from mae_fast.kernels import _launch
 from mae_fast.kernels import self_attention as _k
 
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._checks import FLOAT_DTYPES, check_int, check_number, check_ratio, check_shape, check_tensor
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
-from ._tensors import autocast_off, wide
+from ._tensors import acc_dtype, autocast_off
 from ._triton import launch
 from .paths import use_triton
 from .linear import compute_dtype, mm_out
@@ -34,7 +34,7 @@ def pack_qkv_grad_torch(dq: Tensor, dk: Tensor, dv: Tensor, need_bias: bool):
     """(dqkv [B*N, 3*D] in dq's dtype, dbias [3*D] fp32, or empty without need_bias)."""
     B, H, N, hd = dq.shape
     dqkv = torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(B * N, 3 * H * hd)  # [B*N, 3D]
-    dbias = wide(dqkv).sum(0) if need_bias else dqkv.new_empty((0,), dtype=torch.float32)
+    dbias = dqkv.sum(0, dtype=acc_dtype(dqkv)) if need_bias else dqkv.new_empty((0,), dtype=torch.float32)
     return dqkv, dbias
 
 
@@ -78,13 +78,14 @@ class _SelfAttention(torch.autograd.Function):
                 scale = check_scale(scale, hd)
                 q, k, v = split_heads(qkv.view(B, N, 3 * C), num_heads)  # [B, H, N, hd] views
                 o, lse = attention_forward(q, k, v, scale)  # [B, N, C], [B, H, N]
+        a = anchor(x)
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.fast = (num_heads, scale) if name == "mae_fast" else None
         if ctx.fast is not None:
-            ctx.save_for_backward(x2, w, qkv, o, lse)
-            return o
-        ctx.save_for_backward(x2, w, q, k, v, o)  # q, k, v, o carry the attention's own graph
-        return o.detach().transpose(1, 2).reshape(B, N, C)  # [B, N, C]
+            ctx.save_for_backward(x2, w, qkv, o, lse, a)
+            return o, a
+        ctx.save_for_backward(x2, w, q, k, v, o, a)  # q, k, v, o carry the attention's own graph
+        return o.detach().transpose(1, 2).reshape(B, N, C), a  # [B, N, C]
 
     @staticmethod
     @once_differentiable("self_attention")
@@ -94,14 +95,14 @@ class _SelfAttention(torch.autograd.Function):
         need_bias = bool(need_b and b_dtype is not None)
         with autocast_off(dout):
             if ctx.fast is not None:  # dqkv and the bias gradient straight from the attention's backward
-                x2, w, qkv, o, lse = ctx.saved_tensors
+                x2, w, qkv, o, lse, _ = ctx.saved_tensors
                 H, scale = ctx.fast
                 B, N, C = o.shape
                 q, k, v = split_heads(qkv.view(B, N, 3 * C), H)  # [B, H, N, hd] views
                 dqkv, dbias = attention_backward(heads(dout.to(o.dtype), H), q, k, v, heads(o, H),
                                                        lse, scale, need_bias)  # [B*N, 3C], [3C]
             else:
-                x2, w, q, k, v, o = ctx.saved_tensors
+                x2, w, q, k, v, o, _ = ctx.saved_tensors
                 B, H, N, hd = q.shape
                 do = dout.to(o.dtype).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
                 # kept for another backward as long as this node keeps o (retain_graph), freed with it otherwise
@@ -119,15 +120,17 @@ def self_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], nu
     parameters."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
-        raise ValueError(f"num_heads must be a positive int dividing C={C}, got {num_heads!r}")
+    what = f"a positive int dividing C={C}"
+    num_heads = check_int("num_heads", num_heads, 1, what=what)
+    if C % num_heads:
+        raise ValueError(f"num_heads must be {what}, got {num_heads}")
     check_tensor("qkv_weight", qkv_weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
     check_shape("qkv_weight", qkv_weight, (3 * C, C))
     if qkv_bias is not None:
         check_tensor("qkv_bias", qkv_bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("qkv_bias", qkv_bias, (3 * C,))
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return _SelfAttention.apply(x, qkv_weight, qkv_bias, num_heads, scale, dropout_p, backend,
-                                compute_dtype(x, qkv_weight))
+    dropout_p = check_ratio("dropout_p", dropout_p)
+    if scale is not None:
+        scale = check_number("scale", scale)
+    return apply(_SelfAttention, "self_attention", x, qkv_weight, qkv_bias, num_heads, scale, dropout_p, backend,
+                 compute_dtype(x, qkv_weight))

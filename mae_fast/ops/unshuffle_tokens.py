@@ -15,9 +15,10 @@ from torch import Tensor
 from mae_fast.kernels import _launch
 from mae_fast.kernels import unshuffle_tokens as _k
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indices_enabled, check_permutation_rows, check_shape, check_tensor
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_indices_enabled, check_int, check_permutation_rows, check_shape,
+                      check_tensor)
 from ._indices import poison_rows, valid_and_clamped
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
 from ._tensors import no_grad_placeholder, unused_pointer, wide
 from ._triton import launch
@@ -99,7 +100,7 @@ def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, n
     N, T, D = grad.shape
     L = T - P
     gx = torch.empty((N, P + K, D) if need_x else (0,), dtype=x_dtype, device=grad.device)
-    if N == 0 or D == 0:
+    if N == 0 or D == 0 or T == 0:  # nothing to launch over
         gpos = torch.zeros((1, T, D), dtype=torch.float32, device=grad.device) if need_pos else no_grad_placeholder(grad)
         gmask = torch.zeros((1, 1, D), dtype=torch.float32, device=grad.device) if need_mask else no_grad_placeholder(grad)
         return gx.zero_(), gpos, gmask
@@ -114,7 +115,7 @@ def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, n
         NEED_X=need_x, NEED_POS=need_pos, NEED_MASK=need_mask,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )
-    if need_x:  # rows of ids_restore that are no permutation: their grad_x rewritten (a map per sample otherwise)
+    if need_x and L:  # rows of ids_restore that are no permutation: their grad_x rewritten (a map per sample otherwise)
         code = torch.empty((N, L), dtype=torch.int32, device=grad.device)  # [N, L] scratch
         nxt = torch.empty((N, L), dtype=torch.int32, device=grad.device)  # [N, L] scratch
         launch(_k.unshuffle_tokens_fix_kernel)[(N,)](
@@ -134,16 +135,17 @@ def _backward(grad: Tensor, ids_restore: Tensor, K: int, P: int, need_x: bool, n
 class _UnshuffleTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids_restore, mask_token, pos_embed, num_prefix, out_dtype):
-        ctx.save_for_backward(ids_restore)
+        a = anchor(x)
+        ctx.save_for_backward(ids_restore, a)
         ctx.P, ctx.K = num_prefix, x.shape[1] - num_prefix
         ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
         ctx.mask_shape = tuple(mask_token.shape)
-        return _forward(x, ids_restore, mask_token.reshape(1, 1, -1), pos_embed, num_prefix, out_dtype)
+        return _forward(x, ids_restore, mask_token.reshape(1, 1, -1), pos_embed, num_prefix, out_dtype), a
 
     @staticmethod
     @once_differentiable("unshuffle_tokens")
     def backward(ctx, grad):
-        (ids_restore,) = ctx.saved_tensors
+        ids_restore, _ = ctx.saved_tensors
         x_dtype, mask_dtype, pos_dtype = ctx.dtypes
         need_x, _, need_mask, need_pos, _, _ = ctx.needs_input_grad
         need_pos = need_pos and pos_dtype is not None
@@ -167,9 +169,10 @@ def unshuffle_tokens(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_emb
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     N, T_in, D = x.shape
-    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= T_in:
-        raise ValueError(f"num_prefix must be an int in [0, {T_in}] (x has {T_in} rows), got {num_prefix!r}")
-    P = num_prefix
+    what = f"an int in [0, {T_in}] (x has {T_in} rows)"
+    P = check_int("num_prefix", num_prefix, 0, what=what)
+    if P > T_in:
+        raise ValueError(f"num_prefix must be {what}, got {P}")
     K = T_in - P
     check_tensor("ids_restore", ids_restore, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
     check_shape("ids_restore", ids_restore, (N, None))
@@ -188,4 +191,4 @@ def unshuffle_tokens(x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_emb
         raise TypeError(f"out_dtype must be one of float32, bfloat16, float16, got {out_dtype}")
     if check_indices_enabled(check_indices, x.device):
         check_permutation_rows("ids_restore", ids_restore)
-    return _UnshuffleTokens.apply(x, ids_restore, mask_token, pos_embed, P, out_dtype)
+    return apply(_UnshuffleTokens, "unshuffle_tokens", x, ids_restore, mask_token, pos_embed, P, out_dtype)

@@ -164,27 +164,85 @@ def save_checkpoint(path, model, opt, sched, step: int, cfg: PretrainConfig) -> 
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, model, opt, sched) -> int:
-    """Restore model, optimizer, scheduler and RNG states; returns the step to continue from."""
+def _checkpoint_problem(state) -> Optional[str]:
+    """What makes ``state`` (a loaded file) no checkpoint of this tool, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}"
+    for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict), ("step", int), ("rng", dict)):
+        if key not in state:
+            return f"no {key!r}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"its {key!r} is a {type(state[key]).__name__}"
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        return "its 'model' holds values that are not tensors"
+    opt = state["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        return "its 'optimizer' is no optimizer state (no 'state' and 'param_groups')"
+    rng = state["rng"]
+    if not isinstance(rng.get("torch"), torch.Tensor) or not isinstance(rng.get("cuda", []), (list, tuple)):
+        return "its 'rng' holds no random generator states"
+    if not isinstance(state.get("config", {}), dict):
+        return "its 'config' is no dict"
+    return None
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint at ``path``, checked to be one of this tool's; a one-line ValueError otherwise."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"--resume: cannot read {path}: {e}") from None
-    for key in ("model", "optimizer", "scheduler", "step", "rng"):
-        if key not in state:
-            raise ValueError(f"--resume: {path} is not a `mae-fast pretrain` checkpoint (no {key!r})")
+    except Exception as e:  # noqa: BLE001 - any file: not a torch file, truncated, a pickle torch will not load
+        first = (str(e).strip().splitlines() or [""])[0][:200] or "the file is empty or truncated"
+        raise ValueError(f"--resume: {path} cannot be read as a checkpoint ({type(e).__name__}: {first})") from None
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise ValueError(f"--resume: {path} is not a `mae-fast pretrain` checkpoint ({problem})")
+    return state
+
+
+# Flags a resumed run cannot change: the data stream position (step x batch size) and the random streams
+# (masks, data order) continue the checkpoint's.
+_FIXED_ON_RESUME = (("batch_size", "--batch-size", "the data stream goes on at sample step x batch size"),
+                    ("seed", "--seed", "the random streams (masks, data order) go on from the checkpoint's"))
+
+
+def load_checkpoint(path, model, opt, sched, cfg: PretrainConfig) -> int:
+    """Restore model, optimizer state, scheduler position and RNG states; returns the step to continue from.
+
+    The run's own settings win over the checkpoint's: the optimizer's hyperparameters (lr, weight decay,
+    its device options) and the schedule (lr, min_lr, warm-up, steps) are those of ``cfg``, as the log and
+    the saved config report them; the optimizer keeps only its state (moments, step counts) from the file.
+    A ``cfg`` that changes what cannot change (:data:`_FIXED_ON_RESUME`) is a ValueError naming the flag."""
+    state = read_checkpoint(path)
+    was = state.get("config", {})
+    for key, flag, why in _FIXED_ON_RESUME:
+        if key in was and was[key] != getattr(cfg, key):
+            raise ValueError(f"{flag} {getattr(cfg, key)}: {path} was trained with {flag} {was[key]}, which a resumed "
+                             f"run keeps ({why}); resume with {flag} {was[key]}, or start a new run")
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        was = state.get("config", {})
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"--resume: {path} holds a {was.get('model')} model at {was.get('img_size')}px, which does "
-                         f"not load into this one: {str(e).splitlines()[0]}") from None
-    opt.load_state_dict(state["optimizer"])
-    for group in opt.param_groups:  # a CUDA graph run saves lr as a tensor; TrainStep installs its own
-        group["lr"] = float(group["lr"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
+                         f"not load into this one: {str(e).strip().splitlines()[0]}") from None
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from cfg
+    try:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng_torch = state["rng"]["torch"]
+        torch.set_rng_state(rng_torch)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise ValueError(f"--resume: {path} does not fit this run's optimizer, scheduler or random state "
+                         f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})") from None
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)  # this run's hyperparameters; a CUDA graph run saved lr as a tensor, TrainStep makes its own
+        if group.get("capturable") or group.get("fused"):  # their step counts live on the parameters' device
+            for p in group["params"]:
+                if "step" in opt.state.get(p, {}):
+                    opt.state[p]["step"] = opt.state[p]["step"].to(dtype=torch.float32, device=p.device)
+    sched.base_lrs = [own["initial_lr"] for own in settings]  # the schedule of cfg from the restored position on
+    for group, base, lmbda in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * lmbda(sched.last_epoch)  # what LambdaLR.step computes, bit for bit
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+    if state["rng"].get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"][: torch.cuda.device_count()])
     return int(state["step"])
 
@@ -297,7 +355,7 @@ def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
     if resume:
         if not os.path.isfile(resume):
             raise ValueError(f"--resume: no checkpoint at {resume}")
-        start = load_checkpoint(resume, model, opt, sched)
+        start = load_checkpoint(resume, model, opt, sched, cfg)
         if start >= cfg.steps:
             raise ValueError(f"--resume: {resume} is at step {start}, already at --steps {cfg.steps}; give more "
                              "--steps to train on")

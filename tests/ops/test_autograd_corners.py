@@ -1,7 +1,7 @@
 """Autograd corners of every op, on both CPU paths: the gradient with respect to imgs of the loss (the
-reference differentiates through the normalised target), double backward (create_graph=True), gradcheck
-with undefined output gradients (what torch.compile and gradcheck hand a backward), outputs a compiled
-graph does not use, and the meta device."""
+reference differentiates through the normalised target), gradcheck with undefined output gradients (what
+torch.compile and gradcheck hand a backward), outputs a compiled graph does not use, and the meta device.
+Double backward: test_double_backward.py."""
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -81,7 +81,7 @@ def test_loss_imgs_gradient_under_autocast():
     torch.testing.assert_close(im.grad.double(), io.grad, rtol=1e-4, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------ double backward
+# ------------------------------------------------------------------------------------------ token ops
 def _token_cases():
     N, L, K, D = 2, 6, 3, 4
     ids, restore = random_ids(N, L, K)
@@ -90,54 +90,6 @@ def _token_cases():
         "unshuffle_tokens": (lambda x: ops.unshuffle_tokens(x, restore, torch.zeros(D)), randn(N, 1 + K, D)),
         "gather_patches": (lambda x: ops.gather_patches(x, ids, 4), randn(N, 2, 8, 12)),
     }
-
-
-@pytest.mark.parametrize("name", ["gather_tokens", "unshuffle_tokens", "gather_patches", "norm_pix_loss"])
-def test_create_graph_is_a_clear_error(each_path, name):
-    """create_graph=True: the first-order gradient is the plain one; differentiating it again raises an error
-    naming the op, also when the incoming gradient needs none (a loss: a gradient penalty on pred)."""
-    if name == "norm_pix_loss":
-        imgs, mask, _ = _loss_inputs()
-        fn, x = (lambda p: ops.norm_pix_loss(p, imgs, mask, 4)), randn(2, 6, 48)
-        scalar = fn
-    else:
-        fn, x = _token_cases()[name]
-        scalar = lambda t: fn(t).square().sum()  # noqa: E731
-    x1 = x.clone().requires_grad_(True)
-    (plain,) = torch.autograd.grad(scalar(x1), x1)
-    x2 = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(scalar(x2), x2, create_graph=True)
-    torch.testing.assert_close(g, plain)
-    assert g.requires_grad, "a gradient made under create_graph=True must not pose as a constant"
-    with pytest.raises(RuntimeError, match=f"mae_fast.ops.{name}: its backward is not differentiable"):
-        g.square().sum().backward()
-
-
-def _block_cases():
-    R, D = 5, 8
-    w, b = randn(D, seed=7), randn(D, seed=8)
-    return {
-        "add_layer_norm": lambda x: ops.add_layer_norm(x, w, b, 1e-6, branch=x.flip(0))[0],
-        "bias_gelu": lambda x: ops.bias_gelu(x, b),
-        "residual_add": lambda x: ops.residual_add(x.flip(0), x, b),
-        "linear": lambda x: ops.linear(x, randn(3, D, seed=9), None),
-        "self_attention": lambda x: ops.self_attention(x.view(1, R, D), randn(3 * D, D, seed=9), b.repeat(3), 2),
-    }, randn(R, D)
-
-
-@pytest.mark.parametrize("name", ["add_layer_norm", "bias_gelu", "residual_add", "linear", "self_attention"])
-def test_create_graph_is_a_clear_error_for_block_ops(torch_path, name):
-    """The block ops' backwards are not differentiable either: under create_graph=True the gradient is the
-    plain one and differentiating it raises an error naming the op."""
-    cases, x = _block_cases()
-    scalar = lambda t: cases[name](t).square().sum()  # noqa: E731
-    x1 = x.clone().requires_grad_(True)
-    (plain,) = torch.autograd.grad(scalar(x1), x1)
-    x2 = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(scalar(x2), x2, create_graph=True)
-    torch.testing.assert_close(g, plain)
-    with pytest.raises(RuntimeError, match=f"mae_fast.ops.{name}: its backward is not differentiable"):
-        g.square().sum().backward()
 
 
 # ------------------------------------------------------------------------------------------ gradcheck

@@ -43,3 +43,21 @@ def test_bad_inputs():
         ops.linear(x, randn(4, 8), randn(3))
     with pytest.raises(TypeError, match="differs from the weight dtype"):
         ops.linear(x.double(), randn(4, 8))
+
+
+@pytest.mark.parametrize("a_dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                               (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16)])
+def test_mm_out_dtypes(a_dtype, out_dtype):
+    """The weight-gradient GEMM: the result in out_dtype on a CPU (rounded in the inputs' dtype first) and for
+    fake tensors (what a tracer sees of the CUDA GEMM with an fp32 output, where torch has one), any pair."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mae_fast.ops.linear import mm_out
+
+    a, b = randn(5, 7, dtype=a_dtype), randn(7, 3, seed=1, dtype=a_dtype)
+    out = mm_out(a, b, out_dtype)
+    assert out.dtype == out_dtype
+    torch.testing.assert_close(out, torch.mm(a, b).to(out_dtype))
+    with FakeTensorMode():
+        fa, fb = torch.empty(5, 7, dtype=a_dtype), torch.empty(7, 3, dtype=a_dtype)
+        assert mm_out(fa, fb, out_dtype).dtype == out_dtype
