@@ -30,9 +30,9 @@ from torch.utils.flop_counter import register_flop_formula
 from mae_fast.kernels import mlp as _k
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
-from ._tensors import autocast_dtype, autocast_off, no_grad_placeholder, rows, unused_pointer, wide
+from ._tensors import acc_dtype, autocast_dtype, autocast_off, dense, no_grad_placeholder, rows, unused_pointer, wide
 from ._triton import launch
 from .paths import triton_interpret, use_triton
 from .linear import mm_out
@@ -43,7 +43,8 @@ APPROXIMATIONS = ("none", "tanh")
 
 def mlp_fc1_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
     """Plain torch fc1 + GELU on rows x [R, D]: (a, z) [R, H] in x's dtype, computed in fp32 (float64 stays)."""
-    z = F.linear(wide(x), wide(weight), None if bias is None else wide(bias))  # [R, H]
+    xw = wide(x)
+    z = F.linear(xw, weight.to(xw.dtype), None if bias is None else bias.to(xw.dtype))  # [R, H]
     return F.gelu(z, approximate=approximate).to(x.dtype), z.to(x.dtype)
 
 
@@ -126,17 +127,18 @@ class _Mlp(torch.autograd.Function):
         with autocast_off(x):
             x2 = rows(x).to(dtype)  # [R, D]
             w1c, w2c = _unit_columns(w1.to(dtype)), _unit_columns(w2.to(dtype))  # [H, D], [O, H]
-            a, z = _fc1(x2, w1c, b1, approximate)  # [R, H] each
+            a, z = _fc1(x2, w1c, dense(b1), approximate)  # [R, H] each
             out = torch.mm(a, w2c.t()) if b2 is None else torch.addmm(b2.to(dtype), a, w2c.t())  # [R, O]
-        ctx.save_for_backward(x2, w1c, w2c, a, z)
+        anc = anchor(x)
+        ctx.save_for_backward(x2, w1c, w2c, a, z, anc)
         ctx.meta = (x.shape, x.dtype, w1.dtype, None if b1 is None else b1.dtype, w2.dtype,
                     None if b2 is None else b2.dtype, approximate)
-        return out.view(*x.shape[:-1], w2.shape[0])
+        return out.view(*x.shape[:-1], w2.shape[0]), anc
 
     @staticmethod
     @once_differentiable("mlp")
     def backward(ctx, dout):
-        x2, w1c, w2c, a, z = ctx.saved_tensors
+        x2, w1c, w2c, a, z, _ = ctx.saved_tensors
         x_shape, x_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype, approximate = ctx.meta
         need_x, need_w1, need_b1, need_w2, need_b2, _, _ = ctx.needs_input_grad
         need_b1 = need_b1 and b1_dtype is not None
@@ -146,7 +148,7 @@ class _Mlp(torch.autograd.Function):
             if need_w2:
                 dw2 = mm_out(g.t(), a, w2_dtype)  # [O, H]
             if need_b2 and b2_dtype is not None:
-                db2 = wide(g).sum(0).to(b2_dtype)  # [O]
+                db2 = g.sum(0, dtype=acc_dtype(g)).to(b2_dtype)  # [O], fp32 accumulation
             if need_x or need_w1 or need_b1:
                 dh, db = _fc2_dgrad(g, w2c, z, approximate, need_b1)  # [R, H], [H]
                 db1 = db.to(b1_dtype) if need_b1 else None
@@ -182,4 +184,4 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
             if w.dtype != x.dtype:
                 raise TypeError(f"{name} must have x's dtype {x.dtype} outside autocast, got {w.dtype}")
         dtype = x.dtype
-    return _Mlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, dtype)
+    return apply(_Mlp, "mlp", x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, dtype)

@@ -24,8 +24,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from mae_fast.kernels import qkv_attention as _k
 
-from ._checks import FLOAT_DTYPES, check_number, check_shape, check_tensor
-from ._autograd import once_differentiable
+from ._checks import FLOAT_DTYPES, check_int, check_number, check_shape, check_tensor
+from ._autograd import anchor, apply, once_differentiable
 from ._op import register_op
 from ._tensors import autocast_dtype, autocast_off, no_grad_placeholder, unused_pointer, wide
 from ._triton import launch
@@ -149,14 +149,15 @@ class _QkvAttention(torch.autograd.Function):
     def forward(ctx, qkv, num_heads, scale):
         with autocast_off(qkv):
             o, lse = attention_forward(*split_heads(qkv, num_heads), scale)  # [B, N, C], [B, H, N]
-        ctx.save_for_backward(qkv, o, lse)
+        anc = anchor(qkv)
+        ctx.save_for_backward(qkv, o, lse, anc)
         ctx.num_heads, ctx.scale = num_heads, scale
-        return o
+        return o, anc
 
     @staticmethod
     @once_differentiable("qkv_attention")
     def backward(ctx, do):
-        qkv, o, lse = ctx.saved_tensors
+        qkv, o, lse, _ = ctx.saved_tensors
         H = ctx.num_heads
         with autocast_off(do):
             dqkv, _ = attention_backward(heads(do.to(o.dtype), H), *split_heads(qkv, H), heads(o, H), lse, ctx.scale,
@@ -169,14 +170,15 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale):
         with autocast_off(q):
             o, lse = attention_forward(q, k, v, scale)  # [B, N, H*hd], [B, H, N]
-        ctx.save_for_backward(q, k, v, o, lse)
+        anc = anchor(q)
+        ctx.save_for_backward(q, k, v, o, lse, anc)
         ctx.scale = scale
-        return heads(o, q.shape[1])  # [B, H, N, hd], a view of o
+        return heads(o, q.shape[1]), anc  # [B, H, N, hd], a view of o
 
     @staticmethod
     @once_differentiable("attention")
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, _ = ctx.saved_tensors
         B, H, N, hd = q.shape
         with autocast_off(do):
             dqkv, _ = attention_backward(do.to(o.dtype), q, k, v, heads(o, H), lse, ctx.scale, False)
@@ -216,10 +218,12 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) ->
     if C3 % 3:
         raise ValueError(f"qkv's last dim must be 3 * C (q, k, v), got shape {list(qkv.shape)}")
     C = C3 // 3
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
-        raise ValueError(f"num_heads must be a positive int dividing C={C}, got {num_heads!r}")
+    what = f"a positive int dividing C={C}"
+    num_heads = check_int("num_heads", num_heads, 1, what=what)
+    if C % num_heads:
+        raise ValueError(f"num_heads must be {what}, got {num_heads}")
     scale = check_scale(scale, C // num_heads)
-    return _QkvAttention.apply(_compute(qkv), num_heads, scale)
+    return apply(_QkvAttention, "qkv_attention", _compute(qkv), num_heads, scale)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -233,4 +237,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
             raise TypeError(f"{name} must have q's dtype {str(q.dtype).replace('torch.', '')}, "
                             f"got {str(t.dtype).replace('torch.', '')}")
     scale = check_scale(scale, q.shape[-1])
-    return _Attention.apply(_compute(q), _compute(k), _compute(v), scale)
+    return apply(_Attention, "attention", _compute(q), _compute(k), _compute(v), scale)

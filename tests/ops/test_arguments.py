@@ -32,12 +32,14 @@ FLOAT_ARGS = {  # name -> call(value) with the argument set to value (one that g
         _x(), randn(24, 8), None, 2, dropout_p=v, backend="math"))[1]),
     "self_attention scale": ("scale", lambda v: ops.self_attention(_x(), randn(24, 8), None, 2, scale=v,
                                                                   backend="math")),
+    "qkv_attention scale": ("scale", lambda v: ops.qkv_attention(randn(2, 3, 24), 2, scale=v)),
     "norm_pix_loss eps": ("eps", lambda v: ops.norm_pix_loss(randn(2, 6, 48), IMGS, torch.ones(2, 6), 4, eps=v)),
     "random_masking mask_ratio": ("mask_ratio", lambda v: _seeded(lambda: ops.random_masking(2, 8, v).mask)),
 }
 INT_ARGS = {
     "self_attention num_heads": ("num_heads", lambda v: ops.self_attention(_x(), randn(24, 8), None, v,
                                                                           backend="math")),
+    "qkv_attention num_heads": ("num_heads", lambda v: ops.qkv_attention(randn(2, 3, 24), v)),
     "unshuffle_tokens num_prefix": ("num_prefix", lambda v: ops.unshuffle_tokens(randn(2, 5, 8), RESTORE,
                                                                                 torch.zeros(8), num_prefix=v)),
     "gather_patches patch_size": ("patch_size", lambda v: ops.gather_patches(IMGS[..., :4, :6], IDS, v)),
@@ -56,7 +58,7 @@ def test_real_number_forms(case, value):
 
 
 @pytest.mark.parametrize("case,value", [(c, v) for c in FLOAT_ARGS for v in NOT_NUMBERS
-                                        if not (c == "self_attention scale" and v is None)],  # None: the default
+                                        if not (c.endswith("attention scale") and v is None)],  # None: the default
                          ids=repr)
 def test_not_a_real_number_names_the_argument(case, value):
     name, call = FLOAT_ARGS[case]

@@ -54,9 +54,19 @@ def residual_add_case(R, D, dtypes=(F32, F32, F32)):
             [randn(R, D, dtype=dtypes[0]), randn(R, D, seed=1, dtype=dtypes[1]), randn(D, seed=2, dtype=dtypes[2])])
 
 
-def self_attention_case(B, N, C, H):
-    return (lambda x, w, b: ops.self_attention(x, w, b, H, backend="math"),
+def self_attention_case(B, N, C, H, backend="math"):
+    return (lambda x, w, b: ops.self_attention(x, w, b, H, backend=backend),
             [randn(B, N, C), randn(3 * C, C, seed=1), randn(3 * C, seed=2)])
+
+
+def qkv_attention_case(B, N, C, H, dtype=F32):
+    return lambda qkv: ops.qkv_attention(qkv, H), [randn(B, N, 3 * C, dtype=dtype)]
+
+
+def mlp_case(R, D, Hd, dtypes=(F32, F32, F32, F32, F32)):
+    return (lambda x, w1, b1, w2, b2: ops.mlp(x, w1, b1, w2, b2),
+            [randn(R, D, dtype=dtypes[0]), randn(Hd, D, seed=1, dtype=dtypes[1]), randn(Hd, seed=2, dtype=dtypes[2]),
+             randn(D, Hd, seed=3, dtype=dtypes[3]), randn(D, seed=4, dtype=dtypes[4])])
 
 
 def loss_case(N, L, dtypes=(F32, F32), norm_pix=True, C=3, p=4, masked=False):
@@ -99,6 +109,15 @@ EDGES = {
     "self_attention B=0": self_attention_case(0, 5, 8, 2),
     "self_attention N=0": self_attention_case(2, 0, 8, 2),
     "self_attention N=1 hd=1": self_attention_case(2, 1, 2, 2),
+    "self_attention mae_fast B=0": self_attention_case(0, 5, 8, 2, "mae_fast"),
+    "self_attention mae_fast N=0": self_attention_case(2, 0, 8, 2, "mae_fast"),
+    "self_attention mae_fast N=1 hd=1": self_attention_case(2, 1, 2, 2, "mae_fast"),
+    "qkv_attention B=0": qkv_attention_case(0, 5, 8, 2),
+    "qkv_attention N=0": qkv_attention_case(2, 0, 8, 2),
+    "qkv_attention N=1": qkv_attention_case(2, 1, 8, 2),
+    "mlp R=0": mlp_case(0, 8, 32),
+    "mlp D=1": mlp_case(3, 1, 4),
+    "mlp H=1": mlp_case(3, 8, 1),
     "norm_pix_loss L=1": loss_case(2, 1),
     "norm_pix_loss D=1": loss_case(2, 3, norm_pix=False, C=1, p=1),
     "norm_pix_loss masked L=1": loss_case(2, 1, masked=True),
@@ -110,6 +129,7 @@ MIXED = {
     "add_layer_norm": add_layer_norm_case(3, 8, dtypes=(F32, F64, BF16, BF16, F64), out_dtype=BF16),
     "bias_gelu": bias_gelu_case(3, 8, dtypes=(F32, F64)),
     "residual_add": residual_add_case(3, 8, dtypes=(F32, BF16, F64)),
+    "mlp": mlp_case(3, 8, 32, dtypes=(F32, F32, F64, F32, BF16)),
     "norm_pix_loss fp32 pred, float64 imgs": loss_case(2, 3, dtypes=(F32, F64)),
     "norm_pix_loss bf16 pred, float64 imgs": loss_case(2, 3, dtypes=(BF16, F64)),
     "norm_pix_loss float64 pred, fp32 imgs": loss_case(2, 3, dtypes=(F64, F32)),

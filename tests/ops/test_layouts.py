@@ -84,6 +84,20 @@ def cases():
                  qkv_bias=randn(3 * D, seed=18)),
             dict(x=(0, 1), qkv_weight=(1,), qkv_bias=(0,)),
             lambda x, qkv_weight, qkv_bias: ops.self_attention(x, qkv_weight, qkv_bias, 2, backend="math")),
+        "self_attention_mae_fast": (
+            dict(x=randn(N, 5, D, seed=16), qkv_weight=randn(3 * D, D, seed=17) * D ** -0.5,
+                 qkv_bias=randn(3 * D, seed=18)),
+            dict(x=(0, 1), qkv_weight=(1,), qkv_bias=(0,)),
+            lambda x, qkv_weight, qkv_bias: ops.self_attention(x, qkv_weight, qkv_bias, 2, backend="mae_fast")),
+        "qkv_attention": (dict(qkv=randn(N, 5, 3 * D, seed=30)), dict(qkv=(0, 1, 2)),
+                          lambda qkv: ops.qkv_attention(qkv, 2)),
+        "mlp": (
+            dict(x=randn(N, 5, D, seed=31), fc1_weight=randn(4 * D, D, seed=32) * D ** -0.5,
+                 fc1_bias=randn(4 * D, seed=33), fc2_weight=randn(D, 4 * D, seed=34) * (4 * D) ** -0.5,
+                 fc2_bias=randn(D, seed=35)),
+            dict(x=(0, 1), fc1_weight=(0, 1), fc1_bias=(0,), fc2_weight=(0, 1), fc2_bias=(0,)),
+            lambda x, fc1_weight, fc1_bias, fc2_weight, fc2_bias: ops.mlp(x, fc1_weight, fc1_bias, fc2_weight,
+                                                                          fc2_bias)),
         "gather_tokens": (
             dict(x=randn(N, L, D, seed=19), ids_keep=ids_keep, pos_embed=randn(1, L, D, seed=20),
                  prefix=randn(1, 2, D, seed=21)),
