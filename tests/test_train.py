@@ -489,7 +489,6 @@ def test_gpu_new_masks_at_every_replay():
     torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.gpu
 def _side_table_entries() -> int:
     """Entries in torch's table of Triton kernels seen by its traceable wrapper (an eager launch adds none)."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table as table
@@ -497,6 +496,7 @@ def _side_table_entries() -> int:
     return len(table.id_to_kernel) + len(table.constant_args)
 
 
+@pytest.mark.gpu
 def test_gpu_memory_flat_and_no_sync():
     """100 replays allocate nothing that stays, make no host sync, and (like eager steps after the first) keep
     nothing in torch's kernel side table."""
