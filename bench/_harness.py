@@ -37,13 +37,24 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def token_sizes(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The sizes of the token ops: N samples of L tokens, widths D, the mask ratio."""
+def token_bench(name: str, doc: str, argv=None):
+    """(Bench, args, N, L, K) of a token op's script: its flags with the token sizes (N samples of L tokens,
+    widths D, the mask ratio; --small shrinks them), K the kept tokens."""
+    from mae_fast import reference
+
+    ap = parser(doc)
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=196, help="L")
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 512])
     ap.add_argument("--ratio", type=float, default=0.75)
-    return ap
+    args = parse(ap, argv)
+    if args.small:
+        args.n, args.tokens, args.dims = min(args.n, 4), min(args.tokens, 64), [64, 40]
+    b = Bench(name, args)
+    N, L = args.n, args.tokens
+    K = reference.num_kept(L, args.ratio)
+    b.config.update(N=N, L=L, K=K, dims=args.dims)
+    return b, args, N, L, K
 
 
 def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

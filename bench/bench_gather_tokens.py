@@ -15,15 +15,9 @@ from mae_fast import ops, reference
 
 
 def main(argv=None):
-    args = _harness.parse(_harness.token_sizes(_harness.parser(__doc__)), argv)
-    if args.small:
-        args.n, args.tokens, args.dims = min(args.n, 4), min(args.tokens, 64), [64, 40]
-    b = _harness.Bench("gather_tokens", args)
-    N, L = args.n, args.tokens
-    K = reference.num_kept(L, args.ratio)
+    b, args, N, L, K = _harness.token_bench("gather_tokens", __doc__, argv)
     ids_keep = torch.rand(N, L, generator=b.gen).argsort(1)[:, :K].contiguous().to(b.device)  # [N, K]
     es, ib = torch.tensor([], dtype=b.dtype).element_size(), ids_keep.element_size()
-    b.config.update(N=N, L=L, K=K, dims=args.dims)
     for D in args.dims:
         x, pos, pre = b.randn(N, L, D, grad=True), b.randn(1, L, D), b.randn(1, 1, D, grad=True)
         fwd = (N * K * D + L * D + N * (1 + K) * D) * es + N * K * ib

@@ -123,15 +123,21 @@ def _command(cmd: list, timeout: float, env: dict) -> tuple:
 
 
 # --------------------------------------------------------------------------- smoke: every op on the device
-def smoke(run: Run, timeout: float) -> str:
+def _child(run: Run, stage: str, timeout: float):
+    """This script's ``--{stage}-child`` in its own process (the dry run puts the ops through Triton's
+    interpreter there): the rows it wrote to {stage}.json, or None when it failed."""
     env = _env(run)
     if run.dry:
         env["TRITON_INTERPRET"] = "1"
-    rc, tail = _command([sys.executable, os.path.abspath(__file__), "--smoke-child", run.path("smoke.json")]
-                        + (["--dry-run"] if run.dry else []), timeout, env)
-    if rc != 0:
-        return f"FAILED (rc {rc})"
-    rows = json.load(open(run.path("smoke.json")))["rows"]
+    rc, _ = _command([sys.executable, os.path.abspath(__file__), f"--{stage}-child", run.path(f"{stage}.json")]
+                     + (["--dry-run"] if run.dry else []), timeout, env)
+    return json.load(open(run.path(f"{stage}.json")))["rows"] if rc == 0 else None
+
+
+def smoke(run: Run, timeout: float) -> str:
+    rows = _child(run, "smoke", timeout)
+    if rows is None:
+        return "FAILED (the smoke process failed)"
     bad = [r["check"] for r in rows if not r["ok"]]
     return f"{len(rows) - len(bad)}/{len(rows)} checks ok" + (f"; failed: {', '.join(bad)}" if bad else "")
 
@@ -274,14 +280,9 @@ def bench(run: Run, timeout: float) -> str:
 
 
 def attention(run: Run, timeout: float) -> str:
-    env = _env(run)
-    if run.dry:
-        env["TRITON_INTERPRET"] = "1"
-    rc, tail = _command([sys.executable, os.path.abspath(__file__), "--attention-child", run.path("attention.json")]
-                        + (["--dry-run"] if run.dry else []), timeout, env)
-    if rc != 0:
-        return f"FAILED (rc {rc})"
-    rows = json.load(open(run.path("attention.json")))["rows"]
+    rows = _child(run, "attention", timeout)
+    if rows is None:
+        return "FAILED (the attention process failed)"
     return "; ".join(f"{r['shape']}: {r['backend']}" for r in rows)
 
 

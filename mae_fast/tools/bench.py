@@ -1,16 +1,7 @@
 """Training-step throughput: forward, backward and an AdamW step, side by side and interleaved.
 
-Used by `mae-fast bench` and `mae-fast sweep`. Variants (``VARIANTS``, name -> builder(cfg, device)):
-
-  reference           mae_fast.reference, eager
-  reference+compile   torch.compile(reference model), default mode (the model only, not the optimizer)
-  mae_fast            mae_fast.models.create_model (the fast model), eager, trained through its
-                      ``forward_train`` (loss only, its own fast path) when it has one
-  mae_fast+compile    torch.compile of the same, default mode
-  mae_fast+graph      the fast model trained by mae_fast.TrainStep: AdamW(fused=True, capturable=True) and the
-                      whole step (forward, backward, optimizer) one CUDA graph replay. On a CPU the same
-                      TrainStep call runs eagerly with the other variants' AdamW (the table says so).
-                      Not under DDP, not with fp16 (TrainStep has no loss scaling).
+Used by `mae-fast bench` and `mae-fast sweep`. The variants (reference and mae_fast, eager, torch.compile,
+and mae_fast's whole step as one CUDA graph) and how each is built: :mod:`mae_fast.tools.variants`.
 
 How it measures: every variant is built and warmed up first (compilation happens there), then the
 timed steps run in rounds, one step of each variant per round, so slow drifts of the machine (clocks,

@@ -80,41 +80,33 @@ def _ratio(s: str) -> float:
     return v
 
 
-def _ratio_list(s: str) -> List[float]:
-    out = []
-    for part in s.split(","):
-        if not part.strip():
-            continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--mask-ratios must be comma-separated numbers, got {part!r}") from None
-        if not 0.0 <= v < 1.0:
-            raise argparse.ArgumentTypeError(f"--mask-ratios: every ratio must be in [0, 1), got {v}")
-        out.append(v)
-    if not out:
-        raise argparse.ArgumentTypeError("--mask-ratios: give at least one ratio")
-    return out
+def _list_arg(name: str, kind: type, check, rule: str):
+    """An argparse type: comma-separated values of ``kind``, each with ``check(value)`` true (``rule`` says
+    what it asks), at least one."""
+    what = "numbers" if kind is float else "integers"
 
-
-def _int_list(name: str):
-    def parse(s: str) -> List[int]:
+    def parse(s: str) -> list:
         out = []
-        for part in s.split(","):
-            if not part.strip():
-                continue
+        for part in (p for p in s.split(",") if p.strip()):
             try:
-                v = int(part)
+                v = kind(part)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {part!r}") from None
-            if v < 1:
-                raise argparse.ArgumentTypeError(f"{name}: every value must be >= 1, got {v}")
+                raise argparse.ArgumentTypeError(f"{name} must be comma-separated {what}, got {part!r}") from None
+            if not check(v):
+                raise argparse.ArgumentTypeError(f"{name}: every value must be {rule}, got {v}")
             out.append(v)
         if not out:
             raise argparse.ArgumentTypeError(f"{name}: give at least one value")
         return out
 
     return parse
+
+
+_ratio_list = _list_arg("--mask-ratios", float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+
+
+def _int_list(name: str):
+    return _list_arg(name, int, lambda v: v >= 1, ">= 1")
 
 
 def _variant_list(s: str) -> List[str]:
@@ -146,6 +138,15 @@ def _device_args(p: argparse.ArgumentParser, dtypes=("auto", "fp32", "bf16", "fp
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=_positive_int("--threads"),
                    help="CPU threads torch uses (default: torch's, one per physical core)")
+
+
+def _timing_args(p: argparse.ArgumentParser, table: dict, steps_help: str, variants_help: str) -> None:
+    """--steps, --variants and --peak-tflops: bench's and sweep's."""
+    p.add_argument("--steps", type=_positive_int("--steps"),
+                   help=f"{steps_help} (default: {defaults.per_device(table, 'steps')})")
+    p.add_argument("--variants", type=_variant_list, help=variants_help)
+    p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
+                   help="peak TFLOP/s for MFU (default: a large matmul measured in the same run)")
 
 
 def _progress_arg(p: argparse.ArgumentParser) -> None:
@@ -258,17 +259,13 @@ def add_bench_parser(sub) -> None:
         "Under torchrun --nproc_per_node=N it runs DDP and reports per-device and total images/s.",
     )
     _common_args(p)
-    p.add_argument("--steps", type=_positive_int("--steps"),
-                   help=f"timed steps per variant (default: {defaults.per_device(defaults.BENCH, 'steps')})")
-    p.add_argument("--variants", type=_variant_list,
-                   help="comma-separated subset of reference,reference+compile,mae_fast,mae_fast+compile,"
-                   "mae_fast+graph (default: all five on a GPU, reference,mae_fast on a CPU)")
+    _timing_args(p, defaults.BENCH, "timed steps per variant",
+                 "comma-separated subset of reference,reference+compile,mae_fast,mae_fast+compile,mae_fast+graph "
+                 "(default: all five on a GPU, reference,mae_fast on a CPU)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include the +compile variants (default on a GPU)")
     g.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
-    p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
-                   help="peak TFLOP/s for MFU (default: a large matmul measured in the same run)")
     p.add_argument("--data", metavar="DIR", help="also time the data loaders on the images in DIR ('sample': the "
                    "bundled photographs) beside the training step of `mae-fast pretrain`, and say which bounds training")
     p.set_defaults(func=run_bench)
@@ -286,15 +283,11 @@ def add_sweep_parser(sub) -> None:
         "patch (int(L (1 - ratio)) = 0) are not run; the table says which.",
     )
     _common_args(p, ratio=False, patch=False, table=defaults.SWEEP)
-    p.add_argument("--steps", type=_positive_int("--steps"),
-                   help=f"timed steps per point and variant (default: {defaults.per_device(defaults.SWEEP, 'steps')})")
+    _timing_args(p, defaults.SWEEP, "timed steps per point and variant", "default: reference,mae_fast (eager)")
     p.add_argument("--mask-ratios", type=_ratio_list, help="comma-separated; 0, the baseline, is always added "
                    f"(default: {','.join(f'{r:g}' for r in defaults.SWEEP_RATIOS)})")
     p.add_argument("--patch-sizes", type=_int_list("--patch-sizes"), help="comma-separated, dividing the image size "
                    f"(default: {defaults.per_device(defaults.SWEEP, 'patch_sizes')})")
-    p.add_argument("--variants", type=_variant_list, help="default: reference,mae_fast (eager)")
-    p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
-                   help="peak TFLOP/s for MFU (default: a large matmul measured in the same run)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: speedup against mask ratio per patch size")
     p.add_argument("--theory", metavar="DIR",
                    help="put the linear-MAE predicted spatial scale beside each point, from the images in DIR "

@@ -261,12 +261,16 @@ def _step(model, x):
     return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def _built(table: dict, name: str):
+    """(the model ``table[name]`` builds, in eval mode, seeded; an input batch of its size)."""
+    make, size = table[name]
+    torch.manual_seed(0)
+    return make().eval(), torch.randn(2, 3, size, size)
+
+
 @pytest.mark.parametrize("name", list(SWAPPED))
 def test_patch_model_swaps_timm_vits_exactly(name):
-    make, size = SWAPPED[name]
-    torch.manual_seed(0)
-    model = make().eval()
-    x = torch.randn(2, 3, size, size)
+    model, x = _built(SWAPPED, name)
     ref = copy.deepcopy(model)
     out_ref, g_ref = _step(ref, x)
     params, keys = list(model.parameters()), list(model.state_dict())
@@ -284,10 +288,7 @@ def test_patch_model_swaps_timm_vits_exactly(name):
 
 @pytest.mark.parametrize("name", list(LEFT))
 def test_patch_model_leaves_other_blocks_alone(name):
-    make, size = LEFT[name]
-    torch.manual_seed(0)
-    model = make().eval()
-    x = torch.randn(2, 3, size, size)
+    model, x = _built(LEFT, name)
     before = model(x)
     modules = list(model.modules())
     sd = {k: v.clone() for k, v in model.state_dict().items()}
