@@ -41,9 +41,10 @@ from .skips import SkipLog
 LOADERS = ("auto", "cpu", "gpu")
 
 
-def default_workers() -> int:
-    """Loader processes when none are asked for: half the cores less one, at most 8 (0 on two cores)."""
-    return min(8, max(0, (os.cpu_count() or 1) // 2 - 1))
+def default_workers(processes: int = 1) -> int:
+    """Loader processes when none are asked for, for each of ``processes`` training processes sharing the
+    machine: half of its share of the cores less one, at most 8 (0 on two cores)."""
+    return min(8, max(0, (os.cpu_count() or 1) // max(1, processes) // 2 - 1))
 
 
 def resolve_loader(loader: str, device) -> str:
