@@ -8,8 +8,8 @@ Built on the library's own pieces: the fast model (``mae_fast.models``) trained 
   ImageNet mean/std normalisation (``mae_fast.data``: Pillow in loader workers on a CPU; on CUDA the JPEGs
   are decoded on the GPU by nvJPEG and one kernel makes the batch; the same samples either way);
 - AdamW with betas (0.9, 0.95) and weight decay 0.05, none on biases and other 1-D parameters;
-- learning rate ``blr * batch / 256`` (``--lr`` sets it directly), linear warm-up then cosine decay to
-  ``min_lr``, per step (the official schedule is per iteration too, in fractional epochs);
+- learning rate ``blr * images per step / 256`` (``--lr`` sets it directly), linear warm-up then cosine decay
+  to ``min_lr``, per step (the official schedule is per iteration too, in fractional epochs);
 - the normalized-pixel loss (``norm_pix_loss``), mask ratio 0.75.
 
 Data order is reproducible and independent of the number of loader workers: the batches are consecutive
