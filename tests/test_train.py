@@ -422,7 +422,7 @@ def test_graph_path_control_flow_on_fakes(monkeypatch):
     assert not step.captured and step.captures == 3
 
 
-# ---------------------------------------------------------------------------------------------- CPU: noise, accumulation
+# ------------------------------------------------------------------------------------- CPU: noise, accumulation
 def _noises(n: int, batch: int = 4, L: int = 16, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(batch, L, generator=g) for _ in range(n)]

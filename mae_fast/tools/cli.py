@@ -180,13 +180,14 @@ def add_pretrain_parser(sub) -> None:
         "pretrain", formatter_class=HelpFormatter,
         help="MAE pretraining on a folder of images: checkpoints and reconstruction pictures",
         description="Pretrain an MAE on the images in DIR (subfolders included) with the official recipe: "
-        "RandomResizedCrop(0.2-1) and flips, AdamW(0.9, 0.95), weight decay 0.05, lr = blr x batch / 256 with "
-        "linear warm-up and cosine decay per step, the normalized-pixel loss. The fast model trains through "
-        "mae_fast.TrainStep (one CUDA graph per step on a GPU). Writes checkpoint.pth (model, optimizer, "
-        "scheduler, step, RNG states), recon_<step>.png (original / masked / reconstruction / + visible) and "
-        "log.jsonl into --output-dir. --sample trains on photographs shipped with scikit-image. Under torchrun "
-        "--nproc_per_node=N (and --nnodes for several machines) it trains with DistributedDataParallel: "
-        "--batch-size is split over the processes, and the losses are those of one process.",
+        "RandomResizedCrop(0.2-1) and flips, AdamW(0.9, 0.95), weight decay 0.05, lr = blr x images per step / "
+        "256 with linear warm-up and cosine decay per step, the normalized-pixel loss. The fast model trains "
+        "through mae_fast.TrainStep (one CUDA graph per step on one GPU). Writes checkpoint.pth (model, "
+        "optimizer, scheduler, step, RNG states), recon_<step>.png (original / masked / reconstruction / + "
+        "visible) and log.jsonl into --output-dir. --sample trains on photographs shipped with scikit-image. "
+        "Under torchrun --nproc_per_node=N (and --nnodes for several machines) it trains with "
+        "DistributedDataParallel, eager steps: --batch-size is split over the processes, each sample's crop, "
+        "flip and mask are those of one process, and so are the losses (docs/PRETRAIN.md).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("images", nargs="?", metavar="DIR", help="folder of images (png, jpg, ...; searched recursively)")
