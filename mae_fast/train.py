@@ -7,10 +7,11 @@ captures that step once as a CUDA graph and replays it::
     step = mae_fast.TrainStep(model, optimizer, mask_ratio=0.75, amp="bf16")
     for imgs in loader:
         loss = step(imgs)      # a 0-dim device tensor; no host sync
+    loss = step(imgs, noise)   # or with each sample's mask noise [N, L] (the official noise semantics)
 
 How a call runs on CUDA with ``cuda_graph=True``:
 
-1. The batch is copied into a static input buffer (one per batch shape).
+1. The batch (and the mask noise, when given) is copied into a static input buffer (one per batch shape).
 2. The first ``warmup`` calls are ordinary eager steps on a side stream: they initialise the optimizer
    state, compile the Triton kernels and let ``attn_backend="auto"`` measure its shapes, none of which may
    happen while a graph captures. They are real training steps.
@@ -40,10 +41,16 @@ Elsewhere (CPU, or ``cuda_graph=False``) the same call runs the same step eagerl
 hand-written loop's (``zero_grad(set_to_none=True)``, forward, backward, clip, ``optimizer.step()``,
 ``scheduler.step()``) bit for bit.
 
+Gradient accumulation (``accum_iter=K``): a call takes K micro-batches as one batch, ``imgs`` [K * n, ...]
+(and ``noise`` [K * n, ...]), and runs forward and backward on each n-sample piece in order, with its loss
+divided by K, before the one optimizer step: the gradients of the mean loss over the K * n samples, with
+the activation memory of n. Every call still starts from no gradients. Under DistributedDataParallel
+the first K - 1 backwards run under ``no_sync()``: only the last one all-reduces.
+
 Not supported with the graph: a DistributedDataParallel or DataParallel model (an error: use
-``cuda_graph=False``), an optimizer without ``capturable=True`` (an error). Not supported at all: fp16
-autocast (it needs a GradScaler: an error on every device; use bf16), gradient accumulation over
-several calls (every call starts from no gradients).
+``cuda_graph=False``; see :meth:`TrainStep._check_capturable` for why), an optimizer without
+``capturable=True`` (an error). Not supported at all: fp16 autocast (it needs a GradScaler: an error on
+every device; use bf16).
 """
 from __future__ import annotations
 
@@ -58,7 +65,7 @@ import torch.nn as nn
 from .nn import get_attn_backend
 from .ops._checks import check_int, check_number, check_ratio
 
-__all__ = ["TrainStep"]
+__all__ = ["TrainLoss", "TrainStep"]
 
 _AMP = {"bf16": torch.bfloat16, "fp32": None, None: None}
 _REGISTRATIONS = [0]  # parameters, buffers and submodules assigned anywhere in the process (see _count)
@@ -83,6 +90,27 @@ def _count_registrations() -> None:
 
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+class TrainLoss(nn.Module):
+    """The module to wrap in DistributedDataParallel for :class:`TrainStep`: its forward is the MAE's
+    ``forward_train`` (the loss alone, the decoder head on the removed tokens only), where DDP around the
+    MAE itself would run the official ``forward`` (the head on every token; the same loss, more work)::
+
+        ddp = DistributedDataParallel(TrainLoss(model), device_ids=[device.index])
+        step = TrainStep(ddp, optimizer, cuda_graph=False)
+
+    A model without ``forward_train`` is called through its ``forward`` (its first output is the loss)."""
+
+    def __init__(self, mae: nn.Module):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+        fn = getattr(self.mae, "forward_train", None)
+        if not callable(fn):
+            fn = self.mae
+        return fn(imgs, mask_ratio) if noise is None else fn(imgs, mask_ratio, noise)
 
 
 def _train_forward(model: nn.Module) -> Callable:
@@ -143,15 +171,20 @@ class TrainStep:
         scheduler: stepped once after every optimizer step (a per-iteration schedule), e.g. a
             ``torch.optim.lr_scheduler.LambdaLR``. Step a per-epoch scheduler yourself and leave this None.
         warmup: eager steps before the first capture (each a real training step; at least 1).
+        accum_iter: micro-batches per optimizer step (gradient accumulation; see the module docstring).
 
-    A call takes a batch ``imgs`` (on any device; copied to the model's) and returns the loss as a new
-    0-dim tensor on the model's device, detached. After a call ``p.grad`` holds that step's gradients and
-    :attr:`grad_norm` (with ``grad_clip``) their total norm before clipping.
+    A call takes a batch ``imgs`` (on any device; copied to the model's) and, optionally, each sample's
+    mask noise ``noise`` [N, L] ([N, L / frames] for tube masking; passed to the model as its third
+    argument, ``forward_train(imgs, mask_ratio, noise)``), and returns the loss as a new 0-dim tensor on
+    the model's device, detached: with ``accum_iter`` > 1 the mean of the micro-batches' losses. Under
+    DistributedDataParallel it is this process's loss (its samples' mean), not averaged over the
+    processes. After a call ``p.grad`` holds that step's gradients and :attr:`grad_norm` (with
+    ``grad_clip``) their total norm before clipping.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float = 0.75,
                  amp: Optional[str] = "bf16", cuda_graph: bool = True, grad_clip: Optional[float] = None,
-                 scheduler=None, *, warmup: int = 3):
+                 scheduler=None, *, warmup: int = 3, accum_iter: int = 1):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -177,6 +210,7 @@ class TrainStep:
             if getattr(scheduler, "optimizer", optimizer) is not optimizer:
                 raise ValueError("scheduler belongs to another optimizer than the one given")
         warmup = check_int("warmup", warmup, 1)
+        accum_iter = check_int("accum_iter", accum_iter, 1)
 
         params = list(model.parameters())
         devices = {p.device for p in params}
@@ -194,6 +228,7 @@ class TrainStep:
         self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.scheduler = scheduler
         self.warmup = warmup
+        self.accum_iter = accum_iter
         self.device = devices.pop()
         self.cuda_graph = cuda_graph
         #: True when calls are CUDA graph replays (a CUDA model and cuda_graph=True)
@@ -216,28 +251,54 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_AMP[self.amp])
 
-    def _step(self, imgs: torch.Tensor):
+    def _backward(self, imgs: torch.Tensor, noise: Optional[torch.Tensor], scale: int) -> torch.Tensor:
+        """Forward and backward of one (micro-)batch, its loss divided by ``scale``; the loss, detached."""
+        with self._autocast():
+            args = (imgs, self.mask_ratio) if noise is None else (imgs, self.mask_ratio, noise)
+            loss = _loss_of(self._forward(*args))
+        (loss if scale == 1 else loss / scale).backward()
+        return loss.detach()
+
+    def _step(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None):
         """Eager (or, under capture, recorded): (loss detached, grad norm or None)."""
         self.model.zero_grad(set_to_none=True)  # every step starts from no gradients; under capture
         self.optimizer.zero_grad(set_to_none=True)  # this makes backward allocate them in the graph
-        with self._autocast():
-            loss = _loss_of(self._forward(imgs, self.mask_ratio))
-        loss.backward()
+        K = self.accum_iter
+        if K == 1:
+            loss = self._backward(imgs, noise, 1)
+        else:
+            pieces = zip(imgs.chunk(K), noise.chunk(K) if noise is not None else [None] * K)
+            losses = []
+            for k, (x, z) in enumerate(pieces):  # DDP: only the last backward all-reduces
+                hold = self.model.no_sync() if _is_ddp(self.model) and k < K - 1 else contextlib.nullcontext()
+                with hold:
+                    losses.append(self._backward(x, z, K))
+            loss = torch.stack(losses).mean()
         norm = None
         if self.grad_clip is not None:  # no host sync: error_if_nonfinite must stay False
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, error_if_nonfinite=False)
         self.optimizer.step()
         return loss.detach(), norm
 
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(imgs, torch.Tensor):
             raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
         if not imgs.is_floating_point():
             raise ValueError(f"imgs must be a floating-point tensor, got {str(imgs.dtype).replace('torch.', '')}")
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor):
+                raise TypeError(f"noise must be a torch.Tensor or None, got {type(noise).__name__}")
+            if imgs.dim() == 0 or noise.dim() == 0 or noise.shape[0] != imgs.shape[0]:
+                raise ValueError(f"noise must have one row per image of imgs {list(imgs.shape)}, got noise of shape "
+                                 f"{list(noise.shape)}")
+        if self.accum_iter > 1 and (imgs.dim() == 0 or imgs.shape[0] % self.accum_iter):
+            raise ValueError(f"imgs: a batch of shape {list(imgs.shape)} does not split into accum_iter="
+                             f"{self.accum_iter} micro-batches of equal size")
         if self.graphed:
-            loss = self._graphed_call(imgs)
+            loss = self._graphed_call(imgs, noise)
         else:
-            loss, self.grad_norm = self._step(imgs.to(self.device, non_blocking=True))
+            noise = None if noise is None else noise.to(self.device, non_blocking=True)
+            loss, self.grad_norm = self._step(imgs.to(self.device, non_blocking=True), noise)
         if self.scheduler is not None:
             self.scheduler.step()
         return loss
@@ -251,14 +312,23 @@ class TrainStep:
         self._warned = False
         self._reset_graph()
         self._static: Optional[torch.Tensor] = None
+        self._static_noise: Optional[torch.Tensor] = None
         self._key: Optional[tuple] = None
         self._warm_left = self.warmup
 
     def _check_capturable(self) -> None:
+        """ValueError for what the graph cannot hold. A DistributedDataParallel model: capturing its step
+        means capturing DDP's gradient all-reduce too. PyTorch documents that whole-network capture (NCCL
+        2.9.6 or later, NCCL's async error handling off, DDP constructed on the capture's side stream, at
+        least 11 eager DDP iterations before the capture), but it has not been verified with mae_fast on
+        several GPUs, so DDP steps run eagerly (``cuda_graph=False``)."""
         if _is_ddp(self.model):
-            raise ValueError("TrainStep: a DistributedDataParallel model cannot be captured here (its gradient "
-                             "all-reduce would have to be captured too); pass cuda_graph=False to run DDP steps "
-                             "eagerly")
+            raise ValueError("TrainStep: a DistributedDataParallel model is not captured as a CUDA graph: the graph "
+                             "would have to hold DDP's gradient all-reduce, which PyTorch documents for NCCL >= "
+                             "2.9.6 with set-up of its own (async error handling off, DDP built on the capture "
+                             "stream, 11 eager iterations first) and which has not been verified with mae_fast on "
+                             "several GPUs; pass cuda_graph=False to run DDP steps eagerly (one launch per kernel, "
+                             "no graph replay)")
         if isinstance(self.model, nn.DataParallel):
             raise ValueError("TrainStep: a DataParallel model (one process, several GPUs) cannot be captured; pass "
                              "cuda_graph=False, or use one GPU per process")
@@ -330,7 +400,8 @@ class TrainStep:
             "optimizer hyperparameters": tuple(tuple(_freeze(g.get(k)) for k in hyper) for g in opt.param_groups),
             "optimizer state (load_state_dict)": (id(opt.state), len(opt.state)),
             "attention backend": get_attn_backend(),
-            "TrainStep settings (mask_ratio, amp, grad_clip)": (self.mask_ratio, self.amp, self.grad_clip),
+            "TrainStep settings (mask_ratio, amp, grad_clip, accum_iter)": (self.mask_ratio, self.amp, self.grad_clip,
+                                                                            self.accum_iter),
         }
 
     def _reset_graph(self) -> None:
@@ -349,7 +420,7 @@ class TrainStep:
 
     def _what_changed(self, key: tuple) -> list:
         if key != self._key:
-            return [f"the batch (shape, dtype) changed from {self._key} to {key}"]
+            return [f"the batch (shape, dtype; the noise's after them) changed from {self._key} to {key}"]
         walk = _REGISTRATIONS[0] != self._registrations
         now = self._fingerprint(structure=walk)
         changed = [part for part, value in now.items() if value != self._captured[part]]
@@ -357,8 +428,8 @@ class TrainStep:
             self._registrations = _REGISTRATIONS[0]  # registrations elsewhere: no need to walk again
         return changed
 
-    def _graphed_call(self, imgs: torch.Tensor) -> torch.Tensor:
-        key = (tuple(imgs.shape), imgs.dtype)
+    def _graphed_call(self, imgs: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        key = (tuple(imgs.shape), imgs.dtype) + (() if noise is None else (tuple(noise.shape), noise.dtype))
         self._sync_lr()
         if self._graph is not None:
             changed = self._what_changed(key)
@@ -370,11 +441,15 @@ class TrainStep:
                     self._warned = True
                 self._reset_graph()
                 self._warm_left = 1  # an eager step first: new optimizer state must not be created in a capture
-        if self._key != key:  # a new static input buffer (outside the graph's memory pool)
+        if self._key != key:  # new static input buffers (outside the graph's memory pool)
             self._static = torch.empty(imgs.shape, dtype=imgs.dtype, device=self.device)
+            self._static_noise = (None if noise is None
+                                  else torch.empty(noise.shape, dtype=noise.dtype, device=self.device))
             self._key = key
             self._warm_left = self.warmup if self.captures == 0 else 1
         self._static.copy_(imgs, non_blocking=True)
+        if noise is not None:
+            self._static_noise.copy_(noise, non_blocking=True)
         if self._graph is None and self._warm_left > 0:
             self._warm_left -= 1
             return self._side_stream_step()
@@ -392,7 +467,7 @@ class TrainStep:
         main = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(main)
         with torch.cuda.stream(self._stream), _quiet_uncaptured_step():
-            loss, self.grad_norm = self._step(self._static)
+            loss, self.grad_norm = self._step(self._static, self._static_noise)
         main.wait_stream(self._stream)
         return loss
 
@@ -404,7 +479,7 @@ class TrainStep:
             # thread copies the next batch while the step is captured); this thread's own are still checked
             with _quiet_uncaptured_step(), torch.cuda.graph(graph, stream=self._stream,
                                                             capture_error_mode="thread_local"):
-                loss, norm = self._step(self._static)
+                loss, norm = self._step(self._static, self._static_noise)
         except Exception as e:
             self._reset_graph()
             raise RuntimeError(

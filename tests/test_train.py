@@ -333,8 +333,9 @@ def test_change_detection():
         ["parameter or buffer storage (.data) replaced"]
     assert changed_by(lambda: setattr(m.blocks[0].norm1, "weight", nn.Parameter(old.clone())),
                       lambda: setattr(m.blocks[0].norm1, "weight", w)) == ["modules, parameters or buffers assigned"]
-    assert changed_by(lambda: setattr(step, "mask_ratio", 0.5), lambda: setattr(step, "mask_ratio", 0.75)) == \
-        ["TrainStep settings (mask_ratio, amp, grad_clip)"]
+    settings = ["TrainStep settings (mask_ratio, amp, grad_clip, accum_iter)"]
+    assert changed_by(lambda: setattr(step, "mask_ratio", 0.5), lambda: setattr(step, "mask_ratio", 0.75)) == settings
+    assert changed_by(lambda: setattr(step, "accum_iter", 2), lambda: setattr(step, "accum_iter", 1)) == settings
     assert changed_by(lambda: o.load_state_dict(o.state_dict())) == \
         ["optimizer param groups", "optimizer state (load_state_dict)"]
 
@@ -421,6 +422,125 @@ def test_graph_path_control_flow_on_fakes(monkeypatch):
     step.reset()
     step(x[:2])
     assert not step.captured and step.captures == 3
+
+
+# ------------------------------------------------------------------------------------- CPU: noise, accumulation
+def _noises(n: int, batch: int = 4, L: int = 16, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, L, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["fast", "reference"])
+def test_noise_makes_the_masks(kind):
+    """With noise, the step passes it to the model (the masks come from it, not from torch's generator):
+    the losses and weights equal a loop calling the model with that noise, whatever the global seed."""
+    batches, noises = _batches(4), _noises(4)
+    m1 = _model(kind)
+    o1 = torch.optim.AdamW(m1.parameters(), **OPT)
+    step = TrainStep(m1, o1, amp=None)
+    torch.manual_seed(11)
+    l1 = torch.stack([step(x, z) for x, z in zip(batches, noises)])
+    m2 = _model(kind)
+    o2 = torch.optim.AdamW(m2.parameters(), **OPT)
+    torch.manual_seed(12)  # another global seed: no effect with noise given
+    l2 = []
+    for x, z in zip(batches, noises):
+        o2.zero_grad(set_to_none=True)
+        loss = m2.forward_train(x, 0.75, z) if kind == "fast" else m2(x, 0.75, z)[0]
+        loss.backward()
+        o2.step()
+        l2.append(loss.detach())
+    assert torch.equal(l1, torch.stack(l2))
+    _assert_same_state(m1, o1, m2, o2)
+
+
+def test_accumulation_equals_the_large_batch():
+    """accum_iter=2 on batches of 8: bit for bit the hand-written accumulation (each half's loss / 2, one
+    optimizer step), and the large-batch step to fp32 rounding (the same mean loss and gradients)."""
+    batches, noises = _batches(3, batch=8), _noises(3, batch=8)
+    runs = []
+    for accum in (2, 1):
+        m = _model("fast")
+        o = torch.optim.AdamW(m.parameters(), **OPT)
+        step = TrainStep(m, o, amp=None, accum_iter=accum)
+        losses = [step(batches[0], noises[0])]
+        grads = [p.grad.clone() for p in m.parameters() if p.requires_grad]  # the first step's, same weights
+        losses += [step(x, z) for x, z in zip(batches[1:], noises[1:])]
+        runs.append((torch.stack(losses), grads, m, o))
+    (la, ga, ma, oa), (lb, gb, _, _) = runs
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    m = _model("fast")
+    o = torch.optim.AdamW(m.parameters(), **OPT)
+    hand = []
+    for x, z in zip(batches, noises):
+        o.zero_grad(set_to_none=True)
+        parts = [m.forward_train(x[k:k + 4], 0.75, z[k:k + 4]) for k in (0, 4)]
+        for part in parts:
+            (part / 2).backward()
+        o.step()
+        hand.append(torch.stack([p.detach() for p in parts]).mean())
+    assert torch.equal(la, torch.stack(hand))
+    _assert_same_state(ma, oa, m, o)
+
+
+def test_accumulation_under_ddp_and_bad_calls():
+    """Under DDP (one gloo process) the accumulated step equals the plain one (no_sync on the first
+    micro-batches); noise and accum_iter are checked."""
+    import torch.distributed as dist
+
+    from mae_fast.train import TrainLoss
+
+    batches, noises = _batches(2, batch=8), _noises(2, batch=8)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        d = nn.parallel.DistributedDataParallel(TrainLoss(_model("fast")))
+        o1 = torch.optim.AdamW(d.parameters(), **OPT)
+        step = TrainStep(d, o1, amp=None, accum_iter=2)
+        l1 = torch.stack([step(x, z) for x, z in zip(batches, noises)])
+    finally:
+        dist.destroy_process_group()
+    m = _model("fast")
+    o2 = torch.optim.AdamW(m.parameters(), **OPT)
+    plain = TrainStep(m, o2, amp=None, accum_iter=2)
+    assert torch.equal(l1, torch.stack([plain(x, z) for x, z in zip(batches, noises)]))
+    _assert_same_state(d.module.mae, o1, m, o2)
+    with pytest.raises(ValueError, match="accum_iter must be >= 1"):
+        TrainStep(m, o2, accum_iter=0)
+    with pytest.raises(ValueError, match=r"imgs: a batch of shape \[6, 3, 32, 32\] does not split into accum_iter=4"):
+        TrainStep(m, o2, amp=None, accum_iter=4)(_batches(1, batch=6)[0])
+    with pytest.raises(TypeError, match="noise must be a torch.Tensor or None"):
+        plain(batches[0], [0.5] * 8)
+    with pytest.raises(ValueError, match=r"noise must have one row per image of imgs \[8, 3, 32, 32\]"):
+        plain(batches[0], noises[0][:4])
+
+
+def test_graph_path_with_noise_and_accumulation_on_fakes(monkeypatch):
+    """The graph path keeps a static noise buffer beside the images' and captures the K micro-batches as
+    one step; a call without noise (or with another shape) is another input key: re-captured."""
+    fake = _FakeCuda(monkeypatch)
+    m = _model("fast")
+    o = torch.optim.AdamW(m.parameters(), capturable=True, **OPT)
+    step = TrainStep(m, o, amp=None, warmup=1, accum_iter=2)
+    step.graphed = True
+    step._init_graph()
+    x, z = _batches(1, batch=8)[0], _noises(1, batch=8)[0]
+    l1, l2 = step(x, z), step(x, z)  # warm-up, then capture (the step runs once) and replay
+    assert step.captured and step.captures == 1 and fake.CUDAGraph.replays == 1
+    assert torch.equal(step._static_noise, z)
+    z2 = _noises(1, batch=8, seed=5)[0]
+    step(x, z2)  # a replay: the new noise is in the buffer the graph reads
+    assert fake.CUDAGraph.replays == 2 and torch.equal(step._static_noise, z2) and step.captures == 1
+    m2 = _model("fast")
+    o2 = torch.optim.AdamW(m2.parameters(), **OPT)
+    hand = TrainStep(m2, o2, amp=None, accum_iter=2)
+    torch.testing.assert_close(torch.stack([l1, l2]), torch.stack([hand(x, z), hand(x, z)]), rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match="the noise's after them"):
+        step(x)  # no noise now: another key, an eager step, then a capture
+    assert not step.captured and step._static_noise is None
+    step(x)
+    assert step.captured and step.captures == 2
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -573,6 +693,26 @@ def test_gpu_recaptures():
         torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
         assert graphed.captures == 4
         assert graphed.model.decoder_pred.weight.grad is None
+
+
+@pytest.mark.gpu
+def test_gpu_replays_with_noise_and_accumulation_equal_eager():
+    """Mask noise as a static input and two micro-batches in one graph: the replays equal eager steps, and
+    the masks follow the noise (not the CUDA generator: another seed gives the same losses)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with ops.path("auto"), sdpa_kernel([SDPBackend.MATH]):
+        graphed, eager = _cuda_pair(accum_iter=2)
+        batches = _batches(8, batch=8, device="cuda")
+        noises = [z.cuda() for z in _noises(8, batch=8)]
+        out = []
+        for s, seed in ((graphed, 1), (eager, 2)):
+            torch.manual_seed(seed)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*capturable=True")
+                out.append(torch.stack([s(x, z) for x, z in zip(batches, noises)]))
+    assert graphed.captured and graphed.captures == 1
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ number arguments

@@ -14,6 +14,11 @@ Both give the same samples for the same seed: the same images, boxes and flips, 
 8-bit level where the JPEG decoders agree (docs/PRETRAIN.md). Unreadable files are replaced by the next
 readable image (``skips``) and reported once each through ``on_skip``, the same with and without worker
 processes. ``wait_s`` adds up the seconds ``next()`` took (the time a training loop waited for data).
+
+Several processes (``rank`` of ``world_size``, e.g. under torchrun): ``batch_size`` is the global batch, and
+each process gets its part, ``batch_size / world_size`` consecutive samples of each global batch
+(``StreamSampler``). With ``mask_noise=n`` each batch comes with its samples' mask noise ([N, n] float32,
+``masks``), keyed by position as the crops are: ``next()`` then returns ``(imgs, noise)``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .cpu_folder import ImageFolder, collate_levels
 from .decode import UnreadableImage
 from .device_decode import DeviceDecoder
 from .gpu_folder import EncodedFolder, collate_encoded
+from .masks import CollateWithNoise, WithNoise
 from .normalize import normalize
 from .sampler import StreamSampler
 from .skips import SkipLog
@@ -35,9 +41,10 @@ from .skips import SkipLog
 LOADERS = ("auto", "cpu", "gpu")
 
 
-def default_workers() -> int:
-    """Loader processes when none are asked for: half the cores less one, at most 8 (0 on two cores)."""
-    return min(8, max(0, (os.cpu_count() or 1) // 2 - 1))
+def default_workers(processes: int = 1) -> int:
+    """Loader processes when none are asked for, for each of ``processes`` training processes sharing the
+    machine: half of its share of the cores less one, at most 8 (0 on two cores)."""
+    return min(8, max(0, (os.cpu_count() or 1) // max(1, processes) // 2 - 1))
 
 
 def resolve_loader(loader: str, device) -> str:
@@ -50,12 +57,15 @@ def resolve_loader(loader: str, device) -> str:
 
 
 class Batches:
-    """Endless training batches [batch_size, 3, size, size] on ``device``, from step ``start_step`` of the data
-    stream of ``seed`` (see the module docstring)."""
+    """Endless training batches [batch_size / world_size, 3, size, size] on ``device``, from global batch
+    ``start_step`` of the data stream of ``seed`` on (see the module docstring)."""
 
     def __init__(self, paths: Sequence[Path], size: int, batch_size: int, *, seed: int = 0, start_step: int = 0,
                  workers: int = 0, device="cpu", loader: str = "auto", dtype: torch.dtype = torch.float32,
-                 cache: Optional[bool] = None, on_skip: Optional[Callable[[str, str], None]] = None):
+                 cache: Optional[bool] = None, on_skip: Optional[Callable[[str, str], None]] = None,
+                 rank: int = 0, world_size: int = 1, mask_noise: Optional[int] = None):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} does not split into {world_size} equal parts (one per process)")
         self.device = torch.device(device)
         self.kind = resolve_loader(loader, self.device)  # "cpu" or "gpu"
         self.dtype = dtype
@@ -67,10 +77,15 @@ class Batches:
             self.dataset = ImageFolder(paths, size, seed, cache)
             self.decoder = None
             collate = collate_levels
-        sampler = StreamSampler(len(paths), seed, start_step * batch_size)
-        # the loader has its own generator: it draws nothing from torch's global one (the masks')
+        dataset = self.dataset
+        self.mask_noise = mask_noise
+        if mask_noise is not None:
+            dataset, collate = WithNoise(self.dataset, seed, mask_noise), CollateWithNoise(collate)
+        sampler = StreamSampler(len(paths), seed, start_step * batch_size, batch_size=batch_size, rank=rank,
+                                world_size=world_size)
+        # the loader has its own generator: it draws nothing from torch's global one
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+            dataset, batch_size=batch_size // world_size, sampler=sampler, num_workers=workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
             persistent_workers=False)
         self.skips = SkipLog()
@@ -81,11 +96,11 @@ class Batches:
     def __iter__(self) -> "Batches":
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self):
         t0 = time.perf_counter()
         if self._it is None:
             self._it = iter(self.loader)
-        batch = next(self._it)
+        batch, noise = next(self._it) if self.mask_noise is not None else (next(self._it), None)
         self._report(batch.skipped)
         if batch.error:
             raise UnreadableImage(batch.error)
@@ -94,6 +109,8 @@ class Batches:
             self._report(skipped)
         else:
             out = normalize(batch.levels.to(self.device, non_blocking=True), self.dtype)
+        if noise is not None:
+            out = out, noise.to(self.device, non_blocking=True)
         self.wait_s += time.perf_counter() - t0
         return out
 

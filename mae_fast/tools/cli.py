@@ -181,28 +181,36 @@ def add_pretrain_parser(sub) -> None:
         "pretrain", formatter_class=HelpFormatter,
         help="MAE pretraining on a folder of images: checkpoints and reconstruction pictures",
         description="Pretrain an MAE on the images in DIR (subfolders included) with the official recipe: "
-        "RandomResizedCrop(0.2-1) and flips, AdamW(0.9, 0.95), weight decay 0.05, lr = blr x batch / 256 with "
-        "linear warm-up and cosine decay per step, the normalized-pixel loss. The fast model trains through "
-        "mae_fast.TrainStep (one CUDA graph per step on a GPU). Writes checkpoint.pth (model, optimizer, "
-        "scheduler, step, RNG states), recon_<step>.png (original / masked / reconstruction / + visible) and "
-        "log.jsonl into --output-dir. --sample trains on photographs shipped with scikit-image.",
+        "RandomResizedCrop(0.2-1) and flips, AdamW(0.9, 0.95), weight decay 0.05, lr = blr x images per step / "
+        "256 with linear warm-up and cosine decay per step, the normalized-pixel loss. The fast model trains "
+        "through mae_fast.TrainStep (one CUDA graph per step on one GPU). Writes checkpoint.pth (model, "
+        "optimizer, scheduler, step, RNG states), recon_<step>.png (original / masked / reconstruction / + "
+        "visible) and log.jsonl into --output-dir. --sample trains on photographs shipped with scikit-image. "
+        "Under torchrun --nproc_per_node=N (and --nnodes for several machines) it trains with "
+        "DistributedDataParallel, eager steps: --batch-size is split over the processes, each sample's crop, "
+        "flip and mask are those of one process, and so are the losses (docs/PRETRAIN.md).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("images", nargs="?", metavar="DIR", help="folder of images (png, jpg, ...; searched recursively)")
     src.add_argument("--sample", action="store_true",
                      help="train on the photographs shipped with scikit-image instead (nothing is downloaded)")
     p.add_argument("--output-dir", default="output_dir", metavar="DIR", help="where checkpoints, pictures and the log go")
-    _model_args(p, t, "images per step")
+    _model_args(p, t, "images per micro-batch over all processes (under torchrun each process takes an equal "
+                "part)")
+    p.add_argument("--accum-iter", type=_positive_int("--accum-iter"), default=1,
+                   help="micro-batches per optimizer step (gradient accumulation): a step trains batch-size x "
+                   "accum-iter images, and --steps, the log and the lr rule count such steps")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_positive_int("--steps"),
-                   help=f"training steps in all (default: {defaults.per_device(t, 'steps')})")
+                   help=f"optimizer steps in all (default: {defaults.per_device(t, 'steps')})")
     g.add_argument("--epochs", type=_positive_float("--epochs"), help="instead of --steps: passes over the images")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"),
                    help="linear lr warm-up (default: 5%% of the steps, as the official 40 of 800 epochs)")
     _ratio_arg(p)
     p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
                    help="plain pixel loss (default: the normalized-pixel loss)")
-    p.add_argument("--blr", type=_positive_float("--blr"), default=1.5e-4, help="base lr: lr = blr x batch / 256")
+    p.add_argument("--blr", type=_positive_float("--blr"), default=1.5e-4,
+                   help="base lr: lr = blr x batch-size x accum-iter / 256")
     p.add_argument("--lr", type=_positive_float("--lr"), help="the peak lr itself (default: from --blr)")
     p.add_argument("--min-lr", type=_nonneg_float("--min-lr"), default=0.0, help="lr at the end of the cosine")
     p.add_argument("--weight-decay", type=_nonneg_float("--weight-decay"), default=0.05,
@@ -211,8 +219,8 @@ def add_pretrain_parser(sub) -> None:
                    help="clip the gradient norm to this (default: no clipping, as the official recipe)")
     _device_args(p, dtypes=("auto", "fp32", "bf16"))
     p.add_argument("--workers", type=_nonneg_int("--workers"),
-                   help="data loading processes (default: half the cores less one, at most 8; 0 loads in the "
-                   "training process)")
+                   help="data loading processes per training process (default: half the cores less one, shared "
+                   "by a node's training processes, at most 8; 0 loads in the training process)")
     p.add_argument("--loader", choices=["auto", "cpu", "gpu"], default="auto",
                    help="gpu: the workers only read files, nvJPEG decodes on the GPU and one kernel crops, resizes, "
                    "flips and normalises the batch (needs torchvision); cpu: Pillow does it all in the workers; "
@@ -234,16 +242,26 @@ def add_pretrain_parser(sub) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from . import pretrain
+    from . import distributed, pretrain
 
     if args.sample:
         args.images = None
     _threads(args)
     cfg = pretrain.config_from_args(args)
+    ours = not distributed.running()  # under torchrun the command ends the process group it starts
     try:
         pretrain.run(cfg, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
+        if getattr(e, "every_process", False):  # under torchrun every process is here: end together, say it once
+            if ours:
+                distributed.finish()
+            if distributed.env_rank() != 0:
+                raise SystemExit(1) from None
+        elif distributed.world_size() > 1:  # this process alone (torchrun stops the others)
+            _fail("pretrain", f"rank {distributed.env_rank()}: {e}")
         _fail("pretrain", str(e))
+    if ours:
+        distributed.finish()  # under torchrun: wait for rank 0's files, then tear down together
     return 0
 
 

@@ -8,8 +8,8 @@ Built on the library's own pieces: the fast model (``mae_fast.models``) trained 
   ImageNet mean/std normalisation (``mae_fast.data``: Pillow in loader workers on a CPU; on CUDA the JPEGs
   are decoded on the GPU by nvJPEG and one kernel makes the batch; the same samples either way);
 - AdamW with betas (0.9, 0.95) and weight decay 0.05, none on biases and other 1-D parameters;
-- learning rate ``blr * batch / 256`` (``--lr`` sets it directly), linear warm-up then cosine decay to
-  ``min_lr``, per step (the official schedule is per iteration too, in fractional epochs);
+- learning rate ``blr * images per step / 256`` (``--lr`` sets it directly), linear warm-up then cosine decay
+  to ``min_lr``, per step (the official schedule is per iteration too, in fractional epochs);
 - the normalized-pixel loss (``norm_pix_loss``), mask ratio 0.75.
 
 Data order is reproducible and independent of the number of loader workers: the batches are consecutive
@@ -18,14 +18,25 @@ sample's crop and flip come from a generator seeded by its position in that sequ
 reads exactly the images an uninterrupted run would, and a folder with fewer images than a batch works.
 An unreadable file is replaced by the next readable image, reported once and counted in the log.
 
-Output folder: ``checkpoint.pth`` (the latest: model, optimizer, scheduler, step, RNG states, the config;
-``model`` has the official MAE's keys), ``recon_<step>.png`` (original / masked / reconstruction /
-reconstruction with the visible patches pasted back, for a few fixed images and a fixed mask) and
-``log.jsonl`` (one JSON line per logged step). A folder that holds a checkpoint is only continued
-(``resume``), never started over. One process, one device.
+Each sample's mask comes from its mask noise, drawn by the loader from a generator seeded by the sample's
+position too (``mae_fast.data.masks``). So what a sample gets (image, crop, flip, mask) depends on its
+position alone, and N processes train on exactly the samples one process would.
+
+A step is one optimizer step: ``batch_size`` x ``accum_iter`` images (``--steps``, the log, the
+checkpoints and the lr schedule count these). Under torchrun (``WORLD_SIZE`` > 1) every process trains
+``batch_size / world_size`` images of each micro-batch under DistributedDataParallel (eager steps: no CUDA
+graph), and rank 0 alone writes and prints.
+
+Output folder: ``checkpoint.pth`` (the latest: model, optimizer, scheduler, step, RNG states, the config,
+the number of processes; ``model`` has the official MAE's keys), ``recon_<step>.png`` (original / masked /
+reconstruction / reconstruction with the visible patches pasted back, for a few fixed images and a fixed
+mask) and ``log.jsonl`` (one JSON line per logged step). A folder that holds a checkpoint is only
+continued (``resume``), never started over.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -42,6 +53,7 @@ from ..data import (CACHE_MAX_IMAGES, LOADERS, IMAGE_EXTENSIONS, IMAGENET_MEAN, 
                     Batches, ImageFolder, StreamSampler, center_box, default_workers, find_images, load_rgb,
                     random_resized_crop_box, resolve_loader, sample_images, to_pixels, to_tensor)
 from . import checks, defaults
+from . import distributed as dist
 from .progress import bar as progress_bar
 
 CHECKPOINT = "checkpoint.pth"
@@ -57,20 +69,21 @@ class PretrainConfig:
     output_dir: str = "output_dir"
     model: Optional[str] = None
     img_size: Optional[int] = None
-    batch_size: Optional[int] = None
+    batch_size: Optional[int] = None  # images per micro-batch over all processes (the global batch)
+    accum_iter: int = 1  # micro-batches per optimizer step: a step trains batch_size x accum_iter images
     steps: Optional[int] = None
     epochs: Optional[float] = None  # instead of steps: passes over the images
     warmup_steps: Optional[int] = None  # None: 5 % of the steps (the official 40 of 800 epochs)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     blr: float = 1.5e-4
-    lr: Optional[float] = None  # None: blr * batch_size / 256
+    lr: Optional[float] = None  # None: blr * batch_size * accum_iter / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
     grad_clip: Optional[float] = None  # the official pretraining does not clip
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
-    workers: Optional[int] = None  # None: min(8, cores // 2 - 1)
+    workers: Optional[int] = None  # None: min(8, cores per process // 2 - 1)
     loader: str = "auto"  # "gpu" (nvJPEG + one kernel) on CUDA, "cpu" (Pillow in the workers) elsewhere
     seed: int = 0
     log_every: int = 10
@@ -80,17 +93,24 @@ class PretrainConfig:
     resume: Optional[str] = None  # a checkpoint to continue from
 
     def resolved_device(self) -> torch.device:
-        return checks.device(self.device)
+        """--device for this process (under torchrun, CUDA is the GPU of the process's LOCAL_RANK)."""
+        return dist.process_device(checks.device(self.device))
+
+    def images_per_step(self) -> int:
+        """Images of one optimizer step, over all processes: batch_size x accum_iter (resolved configs)."""
+        return self.batch_size * self.accum_iter
 
     def resolve(self, num_images: int) -> "PretrainConfig":
         """A copy with every default filled in (device-dependent sizes, steps from epochs, lr, warm-up); ValueError
-        naming the flag when the sizes make no model that keeps a patch."""
+        naming the flag when the sizes make no model that keeps a patch, or when the batch does not split
+        over the processes."""
         kind = "cuda" if self.resolved_device().type == "cuda" else "cpu"
         table = defaults.PRETRAIN[kind]
         out = PretrainConfig(**asdict(self))
         out.device = str(self.resolved_device())
         out.model = out.model or table["model"]
         out.batch_size = out.batch_size or table["batch_size"]
+        check_batch(out.batch_size, dist.world_size())
         for key in ("save_every", "recon_every"):
             if getattr(out, key) is None:
                 setattr(out, key, table[key])
@@ -99,17 +119,17 @@ class PretrainConfig:
 
             out.img_size = int(config(out.model).get("img_size", 224))
         if out.steps is None:
-            out.steps = (max(1, math.ceil(out.epochs * num_images / out.batch_size)) if out.epochs is not None
+            out.steps = (max(1, math.ceil(out.epochs * num_images / out.images_per_step())) if out.epochs is not None
                          else table["steps"])
         out.epochs = None
         if out.warmup_steps is None:
             out.warmup_steps = out.steps // 20
         if out.lr is None:
-            out.lr = out.blr * out.batch_size / 256
+            out.lr = out.blr * out.images_per_step() / 256
         if out.dtype == "auto":
             out.dtype = "bf16" if kind == "cuda" else "fp32"
         if out.workers is None:
-            out.workers = default_workers()
+            out.workers = default_workers(dist.local_world_size())
         out.loader = resolve_loader(out.loader, self.resolved_device())
         checks.sizes(out.model, out.img_size, None, out.mask_ratio)
         if out.warmup_steps > out.steps:
@@ -135,13 +155,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build(cfg: PretrainConfig):
-    """(model, optimizer, scheduler) of a resolved config, on its device."""
+def build(cfg: PretrainConfig, cuda_graph: bool = True):
+    """(model, optimizer, scheduler) of a resolved config, on its device. On CUDA the optimizer is fused AdamW,
+    capturable for the graph (``cuda_graph``; eager DDP steps take the plain fused one)."""
     from .. import models
 
     device = torch.device(cfg.device)
     model = models.create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss).to(device)
-    graph = dict(fused=True, capturable=True) if device.type == "cuda" else {}
+    graph = dict(fused=True, capturable=cuda_graph) if device.type == "cuda" else {}
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg) / cfg.lr)
     return model, opt, sched
@@ -149,13 +170,15 @@ def build(cfg: PretrainConfig):
 
 # -------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, model, opt, sched, step: int, cfg: PretrainConfig) -> None:
-    """Write atomically (a file next to it, then renamed): a crash never leaves half a checkpoint."""
+    """Write atomically (a file next to it, then renamed): a crash never leaves half a checkpoint. Under
+    torchrun only rank 0 calls this; ``world_size`` records the number of processes."""
     state = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "step": step,
         "config": asdict(cfg),
+        "world_size": dist.world_size(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
@@ -199,25 +222,33 @@ def read_checkpoint(path) -> dict:
     return state
 
 
-# Flags a resumed run cannot change: the data stream position (step x batch size) and the random streams
-# (masks, data order) continue the checkpoint's.
-_FIXED_ON_RESUME = (("batch_size", "--batch-size", "the data stream goes on at sample step x batch size"),
-                    ("seed", "--seed", "the random streams (masks, data order) go on from the checkpoint's"))
+# Flags a resumed run cannot change: what a step is (its images: the data stream goes on at step x images per
+# step, and the schedule counts steps) and the random streams (masks, data order) continue the checkpoint's.
+# The number of processes may change (docs/PRETRAIN.md).
+_FIXED_ON_RESUME = (("batch_size", "--batch-size", None, "the data stream goes on at sample step x batch size"),
+                    ("accum_iter", "--accum-iter", 1, "a step is --batch-size x --accum-iter images"),
+                    ("seed", "--seed", None, "the random streams (masks, data order) go on from the checkpoint's"))
 
 
-def load_checkpoint(path, model, opt, sched, cfg: PretrainConfig) -> int:
-    """Restore model, optimizer state, scheduler position and RNG states; returns the step to continue from.
-
-    The run's own settings win over the checkpoint's: the optimizer's hyperparameters (lr, weight decay,
-    its device options) and the schedule (lr, min_lr, warm-up, steps) are those of ``cfg``, as the log and
-    the saved config report them; the optimizer keeps only its state (moments, step counts) from the file.
-    A ``cfg`` that changes what cannot change (:data:`_FIXED_ON_RESUME`) is a ValueError naming the flag."""
-    state = read_checkpoint(path)
+def check_resume(state: dict, cfg: PretrainConfig, path) -> None:
+    """ValueError naming the flag when ``cfg`` changes what a resumed run cannot (:data:`_FIXED_ON_RESUME`)."""
     was = state.get("config", {})
-    for key, flag, why in _FIXED_ON_RESUME:
-        if key in was and was[key] != getattr(cfg, key):
-            raise ValueError(f"{flag} {getattr(cfg, key)}: {path} was trained with {flag} {was[key]}, which a resumed "
-                             f"run keeps ({why}); resume with {flag} {was[key]}, or start a new run")
+    for key, flag, default, why in _FIXED_ON_RESUME:
+        old = was.get(key, default)
+        if old is not None and old != getattr(cfg, key):
+            raise ValueError(f"{flag} {getattr(cfg, key)}: {path} was trained with {flag} {old}, which a resumed "
+                             f"run keeps ({why}); resume with {flag} {old}, or start a new run")
+
+
+def load_checkpoint(path, model, opt, sched, state: dict) -> int:
+    """Restore model, optimizer state, scheduler position and RNG states from ``state`` (read from ``path``);
+    returns the step to continue from.
+
+    The run's own settings win over the checkpoint's: the optimizer's hyperparameters (lr, weight decay, its
+    implementation flags: fused, capturable, so a graph run and an eager DDP run continue each other) and the
+    schedule (lr, min_lr, warm-up, steps) are this run's, as the log and the saved config report them; the
+    optimizer keeps only its state (moments, step counts) from the file."""
+    was = state.get("config", {})
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
@@ -295,10 +326,22 @@ def save_reconstructions(path, model, imgs: torch.Tensor, mask_ratio: float, ste
 
 
 # ------------------------------------------------------------------------------------------- the run
+def check_batch(batch_size: int, world: int) -> None:
+    """ValueError naming --batch-size when the global batch does not split evenly over ``world`` processes."""
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is the global batch (images per micro-batch over all "
+                         f"processes) and does not split evenly over the {world} processes of this run "
+                         f"(WORLD_SIZE={world}): give a multiple of {world}")
+
+
 def check_config(cfg: PretrainConfig) -> None:
     """ValueError naming the flag for settings that cannot run (before anything is loaded; the sizes, which
-    need the model's defaults, are checked by :meth:`PretrainConfig.resolve`)."""
+    need the model's defaults, are checked by :meth:`PretrainConfig.resolve`). The same on every process."""
     checks.model(cfg.model)
+    if isinstance(cfg.accum_iter, bool) or not isinstance(cfg.accum_iter, int) or cfg.accum_iter < 1:
+        raise ValueError(f"--accum-iter must be an integer >= 1, got {cfg.accum_iter!r}")
+    if cfg.batch_size is not None:
+        check_batch(cfg.batch_size, dist.world_size())
     if cfg.mask_ratio == 0.0:
         raise ValueError("--mask-ratio 0 removes no patch, and the MAE loss is computed on the removed patches: "
                          "pretraining needs a ratio in (0, 1) (bench and sweep time ratio 0 as the unmasked step)")
@@ -315,11 +358,13 @@ def check_config(cfg: PretrainConfig) -> None:
         raise ValueError("give either --steps or --epochs, not both")
     if cfg.dtype == "fp16":
         raise ValueError("--dtype fp16 needs loss scaling, which TrainStep does not do; use bf16")
-    dev = checks.device(cfg.device)
+    dev = cfg.resolved_device()
     if cfg.loader not in LOADERS:
         raise ValueError(f"--loader {cfg.loader!r}: choose one of {', '.join(LOADERS)}")
     if cfg.loader == "gpu" and dev.type != "cuda":
-        raise ValueError("--loader gpu decodes on a CUDA device, and this run is on the CPU (use --loader cpu or auto)")
+        where = "the CPU" if dist.world_size() <= 1 else f"CPU processes ({dist.world_size()}, gloo)"
+        raise ValueError(f"--loader gpu decodes on a CUDA device, and this run is on {where} (use --loader cpu or "
+                         "auto)")
 
 
 def _plural(n: int, word: str) -> str:
@@ -332,105 +377,230 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
-    """Train; returns a summary (steps, final loss, paths). ``say`` prints the start and end lines."""
-    from ..train import TrainStep
+def _digest(paths, root: Optional[str]) -> str:
+    """A short digest of the image files' names (relative to the folder): what every process must agree on."""
+    names = [os.path.relpath(str(p), root) if root else Path(p).name for p in paths]
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
 
-    check_config(cfg)
-    paths = sample_images() if cfg.images is None else find_images(cfg.images)
-    cfg = cfg.resolve(len(paths))
-    device = torch.device(cfg.device)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(cfg.seed)
-    model, opt, sched = build(cfg)
-    start = 0
+def _every_process(e: Exception) -> Exception:
+    """Mark an error that every process of a torchrun run raises at the same point (``every_process``): the
+    command then lets all of them end together and rank 0 alone print it."""
+    e.every_process = True
+    return e
+
+
+def _agree(error: str, facts: Optional[tuple], distributed: bool) -> None:
+    """Under torchrun, after the set-up: every process's error and facts (number of images, digest of their
+    names, step to start at) are gathered (one collective), and every process raises the same ValueError
+    when one failed or they differ, so that all stop together with one message."""
+    if not distributed:
+        return
+    got = dist.gather_objects((error, facts))
+    failed = [(r, e) for r, (e, _) in enumerate(got) if e]
+    if failed:
+        r, e = failed[0]
+        if len(failed) == len(got) and all(x == e for _, x in failed):
+            raise _every_process(ValueError(e))
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise _every_process(ValueError(f"{e} (on rank {r}{more})"))
+    differ = next((r for r, (_, f) in enumerate(got) if f != got[0][1]), None)
+    if differ is not None:
+        def seen(f):
+            return f"{f[0]} images (names digest {f[1]}), starting at step {f[2]}"
+
+        raise _every_process(ValueError(
+            f"the processes do not see the same run: rank 0 sees {seen(got[0][1])}, rank {differ} "
+            f"{seen(got[differ][1])}; on several nodes the images and the checkpoint must be the same files at the "
+            "same paths on every node (a shared filesystem)"))
+
+
+def _resume(cfg: PretrainConfig, out: Path, model, opt, sched) -> tuple:
+    """(the step to start at, the number of processes of the run continued; 0 for a new run)."""
     resume = cfg.resume
     if resume == "auto":
         resume = str(out / CHECKPOINT)
     if not resume and (out / CHECKPOINT).exists():
         raise ValueError(f"{out / CHECKPOINT} exists: --resume continues that run; to start a new one, give another "
                          "--output-dir (or remove the old run)")
-    if resume:
-        if not os.path.isfile(resume):
-            raise ValueError(f"--resume: no checkpoint at {resume}")
-        start = load_checkpoint(resume, model, opt, sched, cfg)
-        if start >= cfg.steps:
-            raise ValueError(f"--resume: {resume} is at step {start}, already at --steps {cfg.steps}; give more "
-                             "--steps to train on")
-    step_fn = TrainStep(model, opt, cfg.mask_ratio, amp=None if cfg.dtype == "fp32" else cfg.dtype,
-                        grad_clip=cfg.grad_clip, scheduler=sched)
-    fixed = ImageFolder(paths, cfg.img_size, cfg.seed).fixed(cfg.recon_images).to(device)
+    if not resume:
+        return 0, 0
+    if not os.path.isfile(resume):
+        raise ValueError(f"--resume: no checkpoint at {resume}")
+    state = read_checkpoint(resume)
+    check_resume(state, cfg, resume)
+    start = load_checkpoint(resume, model, opt, sched, state=state)
+    if start >= cfg.steps:
+        raise ValueError(f"--resume: {resume} is at step {start}, already at --steps {cfg.steps}; give more "
+                         "--steps to train on")
+    return start, int(state.get("world_size", 1))
+
+
+def _next_step(batches: Batches, accum_iter: int) -> tuple:
+    """(imgs, noise) of one step: ``accum_iter`` micro-batches side by side (TrainStep splits them again)."""
+    if accum_iter == 1:
+        return next(batches)
+    parts = [next(batches) for _ in range(accum_iter)]
+    return torch.cat([x for x, _ in parts]), torch.cat([z for _, z in parts])
+
+
+def _gather_interval(loss_sum: torch.Tensor, wait_s: float, new_skips: list) -> tuple:
+    """(every process's loss sum, every process's data wait, every process's newly skipped files) over one log
+    interval: one all_gather of three numbers per process (one host sync, as one process's read of its loss),
+    and a second gather of the file names only when some process skipped files."""
+    local = torch.stack([loss_sum.double(), torch.tensor(wait_s, dtype=torch.float64, device=loss_sum.device),
+                         torch.tensor(float(len(new_skips)), dtype=torch.float64, device=loss_sum.device)])
+    rows = dist.gather_rows(local).tolist()  # [world, 3]
+    skips = dist.gather_objects(new_skips) if sum(r[2] for r in rows) else []
+    return [r[0] for r in rows], [r[1] for r in rows], [x for part in skips for x in part]
+
+
+def run(cfg: PretrainConfig, progress: bool = True, say=print) -> dict:
+    """Train; returns a summary (steps, final loss, paths). ``say`` prints the start and end lines.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this. It starts the process group (NCCL on CUDA,
+    gloo on CPU) unless one runs, and leaves it running: the caller ends it (``distributed.finish()``, as the
+    command does). Rank 0 alone writes files and prints. The errors of the set-up (flags, files, checkpoint)
+    and a non-finite loss are raised by every process alike, marked ``every_process``; only a bad --device
+    is raised before the process group starts. The summary's ``data_wait_s`` is this process's."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..train import TrainLoss, TrainStep
+
+    device = cfg.resolved_device()
+    distributed = dist.setup(device)
+    world = dist.world_size() if distributed else 1
+    rank = dist.rank()
+    main = rank == 0
+    out = Path(cfg.output_dir)
+
+    error, facts = "", None
+    try:
+        check_config(cfg)
+        paths = sample_images() if cfg.images is None else find_images(cfg.images)
+        cfg = cfg.resolve(len(paths))
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        model, opt, sched = build(cfg, cuda_graph=not distributed)
+        start, was_world = _resume(cfg, out, model, opt, sched)
+        fixed = ImageFolder(paths, cfg.img_size, cfg.seed).fixed(cfg.recon_images).to(device) if main else None
+        facts = (len(paths), _digest(paths, cfg.images), start)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if not distributed:
+            raise
+        error = str(e)
+    _agree(error, facts, distributed)
+
+    net = model
+    if distributed:  # forward_train under DDP; the MAE's buffers are fixed tables: no broadcast at each forward
+        quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                 inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        net = DistributedDataParallel(TrainLoss(model), device_ids=[device.index] if device.type == "cuda" else None,
+                                      **quiet)
+    step_fn = TrainStep(net, opt, cfg.mask_ratio, amp=None if cfg.dtype == "fp32" else cfg.dtype,
+                        grad_clip=cfg.grad_clip, scheduler=sched, cuda_graph=not distributed,
+                        accum_iter=cfg.accum_iter)
 
     def skipped(path: str, why: str) -> None:
         with tqdm.external_write_mode():
-            say(f"pretrain: skipped an unreadable file, the next readable image takes its samples: {why}")
+            say(f"pretrain{f' (rank {rank})' if distributed else ''}: skipped an unreadable file, the next readable "
+                f"image takes its samples: {why}")
 
-    batches = Batches(paths, cfg.img_size, cfg.batch_size, seed=cfg.seed, start_step=start, workers=cfg.workers,
-                      device=device, loader=cfg.loader, on_skip=skipped)
+    K = cfg.accum_iter
+    batches = Batches(paths, cfg.img_size, cfg.batch_size, seed=cfg.seed, start_step=start * K, workers=cfg.workers,
+                      device=device, loader=cfg.loader, on_skip=skipped, rank=rank, world_size=world,
+                      mask_noise=model.patch_embed.num_patches // model.mask_frames)
 
-    source = "the sample photographs" if cfg.images is None else cfg.images
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    threads = f", {_plural(torch.get_num_threads(), 'thread')}" if device.type == "cpu" else ""
-    say(f"pretrain {cfg.model} ({n_params / 1e6:.1f}M parameters) at {cfg.img_size}px on {len(paths)} images from "
-        f"{source}: {cfg.steps} steps of {cfg.batch_size} "
-        f"({cfg.steps * cfg.batch_size / len(paths):.1f} epochs), mask ratio {cfg.mask_ratio:g}, lr {cfg.lr:.3g} "
-        f"(warm-up {_plural(cfg.warmup_steps, 'step')}, cosine to {cfg.min_lr:g}), {cfg.dtype} on {device}{threads}, "
-        f"{cfg.loader} loader with {_plural(cfg.workers, 'worker')}"
-        + (f"; resumed at step {start}" if start else ""))
+    if main:
+        source = "the sample photographs" if cfg.images is None else cfg.images
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        threads = f", {_plural(torch.get_num_threads(), 'thread')}" if device.type == "cpu" else ""
+        split = ""
+        if world > 1 or K > 1:
+            split = (f" ({world} processes x {cfg.batch_size // world}" if world > 1 else f" ({cfg.batch_size}") + \
+                (f" x {K} micro-batches)" if K > 1 else ")")
+        where = f"{device}{threads}"
+        if distributed:
+            where = (f"{world} processes ({device.type}{threads} each; DDP over {dist.backend()}, eager steps: "
+                     "TrainStep does not capture DDP)")
+        resumed = ""
+        if start:
+            resumed = f"; resumed at step {start}"
+            if was_world != world:
+                resumed += (f" of a run on {was_world} process{'es' if was_world > 1 else ''} (the same images, "
+                            "crops, masks and schedule; the numbers follow the uninterrupted run up to fp32 "
+                            "reduction order, not bit for bit)")
+        say(f"pretrain {cfg.model} ({n_params / 1e6:.1f}M parameters) at {cfg.img_size}px on {len(paths)} images "
+            f"from {source}: {cfg.steps} steps of {cfg.images_per_step()}{split} "
+            f"({cfg.steps * cfg.images_per_step() / len(paths):.1f} epochs), mask ratio {cfg.mask_ratio:g}, lr "
+            f"{cfg.lr:.3g} (warm-up {_plural(cfg.warmup_steps, 'step')}, cosine to {cfg.min_lr:g}), {cfg.dtype} on "
+            f"{where}, {cfg.loader} loader with {_plural(cfg.workers, 'worker')}{' per process' if distributed else ''}"
+            + resumed)
 
-    log = open(out / "log.jsonl", "a")
+    log = open(out / "log.jsonl", "a") if main else None
     ckpt, recon = out / CHECKPOINT, None
     loss_sum = torch.zeros((), device=device)
     last_loss, count = float("nan"), 0
     t_run = t_log = time.perf_counter()
-    wait_log = 0.0
+    wait_log, sent = 0.0, 0
+    skipped_files: dict = {}  # every process's unreadable files, gathered at each log line
     saved_at = recon_at = -1
     try:
-        with progress_bar(cfg.steps, "pretrain", enabled=progress, initial=start) as bar:
+        with progress_bar(cfg.steps, "pretrain", enabled=progress and main, initial=start) as bar:
             for step in range(start, cfg.steps):
-                imgs = next(batches)
-                loss_sum += step_fn(imgs)
+                imgs, noise = _next_step(batches, K)
+                loss_sum += step_fn(imgs, noise)
                 count += 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    last_loss = float(loss_sum) / count  # one host sync per logged interval
+                    new_skips = list(batches.skips.files.items())[sent:]
+                    sent += len(new_skips)
+                    sums, waits, skips = _gather_interval(loss_sum, batches.wait_s - wait_log, new_skips)
+                    skipped_files.update(skips)
+                    last_loss = sum(sums) / len(sums) / count  # the mean over every sample of the interval
+                    waits = [w / count for w in waits]
                     now = time.perf_counter()
-                    ips = count * cfg.batch_size / (now - t_log)
-                    if not math.isfinite(last_loss):
-                        raise FloatingPointError(f"the loss is {last_loss} at step {done}; lower --lr or --blr")
+                    ips = count * cfg.images_per_step() / (now - t_log)
+                    if not math.isfinite(last_loss):  # the gathered loss: every process raises here
+                        raise _every_process(FloatingPointError(f"the loss is {last_loss} at step {done}; lower "
+                                                                "--lr or --blr"))
                     lr = lr_at(step, cfg)
                     bar.set_postfix_str(f"loss {last_loss:.4f}, lr {lr:.2e}, {ips:.0f} img/s", refresh=False)
-                    log.write(json.dumps({"step": done, "loss": last_loss, "lr": lr, "images_per_s": ips,
-                                          "elapsed_s": now - t_run, "data_wait_s": (batches.wait_s - wait_log) / count,
-                                          "skipped_files": len(batches.skips)}) + "\n")
-                    log.flush()
+                    if main:
+                        log.write(json.dumps({
+                            "step": done, "loss": last_loss, "lr": lr, "images_per_s": ips, "elapsed_s": now - t_run,
+                            "data_wait_s": max(waits), "data_wait_s_per_rank": waits,
+                            "skipped_files": len(skipped_files), "world_size": world, "accum_iter": K}) + "\n")
+                        log.flush()
                     loss_sum.zero_()
                     count, t_log, wait_log = 0, time.perf_counter(), batches.wait_s
-                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                if main and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                     save_checkpoint(ckpt, model, opt, sched, done, cfg)
                     saved_at = done
-                if cfg.recon_every and done % cfg.recon_every == 0 and done < cfg.steps:
+                if main and cfg.recon_every and done % cfg.recon_every == 0 and done < cfg.steps:
                     recon = out / f"recon_{done:06d}.png"
                     save_reconstructions(recon, model, fixed, cfg.mask_ratio, done)
                     recon_at = done
                 bar.update(1)
-        if saved_at != cfg.steps:
+        if main and saved_at != cfg.steps:
             save_checkpoint(ckpt, model, opt, sched, cfg.steps, cfg)
-        if recon_at != cfg.steps:
+        if main and recon_at != cfg.steps:
             recon = out / f"recon_{cfg.steps:06d}.png"
             save_reconstructions(recon, model, fixed, cfg.mask_ratio, cfg.steps)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         batches.close()
     elapsed = time.perf_counter() - t_run
-    skips = f" ({_plural(len(batches.skips), 'unreadable file')} skipped)" if len(batches.skips) else ""
-    say(f"trained steps {start + 1}-{cfg.steps} in {_duration(elapsed)}, final loss {last_loss:.4f}{skips}: checkpoint "
-        f"{ckpt}, reconstructions {recon}, log {out / 'log.jsonl'}")
+    skips = f" ({_plural(len(skipped_files), 'unreadable file')} skipped)" if skipped_files else ""
+    if main:
+        say(f"trained steps {start + 1}-{cfg.steps} in {_duration(elapsed)}, final loss {last_loss:.4f}{skips}: "
+            f"checkpoint {ckpt}, reconstructions {recon}, log {out / 'log.jsonl'}")
     return {"config": asdict(cfg), "start_step": start, "steps": cfg.steps, "final_loss": last_loss,
             "checkpoint": str(ckpt), "reconstruction": str(recon), "log": str(out / "log.jsonl"),
-            "seconds": elapsed, "skipped_files": dict(batches.skips.files), "data_wait_s": batches.wait_s}
+            "seconds": elapsed, "skipped_files": skipped_files, "data_wait_s": batches.wait_s,
+            "world_size": world, "rank": rank}
 
 
 def config_from_args(args) -> PretrainConfig:

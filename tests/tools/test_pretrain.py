@@ -43,6 +43,8 @@ def test_lr_scales_with_batch_and_warmup_default():
     assert cfg.lr == pytest.approx(1.5e-4 * 64 / 256) and cfg.warmup_steps == 10 and cfg.img_size == 64
     cfg = pretrain.PretrainConfig(batch_size=4, epochs=3, device="cpu").resolve(10)
     assert cfg.steps == 8  # ceil(3 epochs x 10 images / 4)
+    cfg = pretrain.PretrainConfig(batch_size=4, accum_iter=3, epochs=3, device="cpu").resolve(10)
+    assert cfg.lr == pytest.approx(1.5e-4 * 12 / 256) and cfg.steps == 3  # a step: 4 x 3 images
 
 
 def test_weight_decay_groups():
