@@ -62,7 +62,7 @@ def test_bench_trains(tmp_path):
     (["bench", "--variants", "reference,fast"], "unknown variant"),
     (["bench", "--peak-tflops", "-1"], "--peak-tflops must be > 0"),
     (["bench", "--compile", "--no-compile"], "not allowed with"),
-    (["sweep", "--mask-ratios", "0.5,1.2"], "every ratio must be in [0, 1)"),
+    (["sweep", "--mask-ratios", "0.5,1.2"], "every value must be in [0, 1)"),
     (["sweep", "--patch-sizes", "8,x"], "--patch-sizes must be comma-separated integers"),
     (["sweep", "--patch-sizes", "0"], "every value must be >= 1"),
     (["profile", "--top", "0"], "--top must be >= 1"),
