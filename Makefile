@@ -24,6 +24,9 @@ else
 endif
 
 PYTEST_ARGS ?=
+# the CPU passes run one test process per core (pytest-xdist; each with one torch thread): the interpreter is
+# single-threaded Python, so two processes on two cores take about half the time of one
+TEST_JOBS ?= auto
 BENCH_ARGS ?=
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
@@ -71,10 +74,10 @@ test: setup
 	  echo "CUDA found: GPU tests on, Triton compiled"; \
 	  $(PY) -m pytest -q -rs $(PYTEST_ARGS); \
 	else \
-	  echo "no CUDA: Triton kernels under TRITON_INTERPRET=1"; \
-	  TRITON_INTERPRET=1 $(PY) -m pytest -q -rs $(PYTEST_ARGS) || exit 1; \
+	  echo "no CUDA: Triton kernels under TRITON_INTERPRET=1 ($(TEST_JOBS) test processes)"; \
+	  TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -n $(TEST_JOBS) $(PYTEST_ARGS) || exit 1; \
 	  echo "no CUDA: the plain torch path of the ops (what CPU tensors run)"; \
-	  TRITON_INTERPRET=0 $(PY) -m pytest -q tests/ops $(PYTEST_ARGS); \
+	  TRITON_INTERPRET=0 $(PY) -m pytest -q -n $(TEST_JOBS) tests/ops $(PYTEST_ARGS); \
 	fi
 	@if command -v nvcc >/dev/null 2>&1 || [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then \
 	  $(MAKE) --no-print-directory cuda-check PYTHON=$(PY); \

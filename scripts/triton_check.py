@@ -253,32 +253,38 @@ def record() -> None:
                 print(line)
 
 
-def compile_all(lines, verbose: bool) -> int:
+def compile_one(launch: dict) -> tuple:
+    """(kernel name, registers, spill bytes, shared bytes, (vector, all) global loads, status) of one launch
+    signature compiled for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
-    from triton.backends.nvidia.compiler import get_ptxas
+    fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+    try:
+        attrs = {(i,): [["tt.divisibility", 16]] for i in launch["aligned"]}
+        compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
+        regs, spills, smem = resources(compiled.asm["ptx"], get_ptxas(90).path)  # the ptxas Triton uses for sm_90
+        vec, loads = global_loads(compiled.asm["ptx"])
+        return launch["name"], regs, spills if launch["real"] else 0, smem, (vec, loads), "ok"
+    except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+        return launch["name"], -1, 0, 0, (0, 0), f"FAILED: {type(e).__name__}: {str(e).strip()[:400]}"
 
-    ptxas = get_ptxas(90).path  # the ptxas Triton itself uses for sm_90
-    rows, failed = [], 0
+
+def compile_all(lines, verbose: bool) -> int:
+    """Compile every launch signature, one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
     t0 = time.perf_counter()
-    for launch in lines:
-        fn = getattr(importlib.import_module(launch["module"]), launch["name"])
-        try:
-            attrs = {(i,): [["tt.divisibility", 16]] for i in launch["aligned"]}
-            compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs=attrs),
-                                      target=target,
-                                      options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
-            regs, spills, smem = resources(compiled.asm["ptx"], ptxas)
-            vec, loads = global_loads(compiled.asm["ptx"])
-            rows.append((launch["name"], regs, spills if launch["real"] else 0, smem, (vec, loads), "ok"))
-        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-            failed += 1
-            rows.append((launch["name"], -1, 0, 0, (0, 0), f"FAILED: {type(e).__name__}: {str(e).strip()[:400]}"))
-        if verbose:
-            print(rows[-1], launch["constexprs"], launch["num_warps"])
+    with ProcessPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
+        rows = list(pool.map(compile_one, lines))
+    failed = sum(1 for row in rows if row[-1] != "ok")
+    if verbose:
+        for row, launch in zip(rows, lines):
+            print(row, launch["constexprs"], launch["num_warps"])
     by_kernel = {}
     for name, regs, spills, smem, (vec, loads), status in rows:
         k = by_kernel.setdefault(name, [0, 0, 0, 0, 0, 0, "ok"])

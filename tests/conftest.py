@@ -2,6 +2,7 @@
 op path. Without a GPU, ``make test`` runs the suite with ``TRITON_INTERPRET=1`` (the Triton kernels
 through the interpreter) and the op tests once more on the plain torch path."""
 import importlib
+import os
 import pkgutil
 
 import pytest
@@ -12,6 +13,9 @@ from mae_fast import ops
 from mae_fast.ops.paths import triton_interpret
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    # several test processes share the cores (make test runs one per core): one torch thread each
+    torch.set_num_threads(1)
 TRITON_RUNS = torch.cuda.is_available() or triton_interpret()
 
 

@@ -16,9 +16,12 @@ TINY = ["--sample", "--img-size", "32", "--batch-size", "4", "--workers", "0", "
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """The checkpoint a 2-step run saves at its end."""
+    """The checkpoint a 2-step run saves at its end (on the plain CPU path, as the tests: a module fixture is
+    made before the function-scoped one of conftest.py that sets it)."""
     out = tmp_path_factory.mktemp("run")
-    assert cli.main(["pretrain", *TINY, "--steps", "2", "--output-dir", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        assert cli.main(["pretrain", *TINY, "--steps", "2", "--output-dir", str(out)]) == 0
     return out / "checkpoint.pth"
 
 
