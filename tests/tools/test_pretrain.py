@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mae_fast import models
-from mae_fast.tools import cli, pretrain
+from mae_fast.tools import cli, pretrain, reconstructions
 
 TINY = ["--img-size", "32", "--batch-size", "4", "--workers", "0", "--no-progress", "--device", "cpu"]
 
@@ -99,7 +99,7 @@ def test_reconstruction_shows_the_truth():
         return loss, (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5, mask
 
     model.forward = exact
-    masked, recon, pasted = pretrain.reconstruct(model, imgs, 0.75)
+    masked, recon, pasted = reconstructions.reconstruct(model, imgs, 0.75)
     torch.testing.assert_close(recon, imgs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pasted, imgs, atol=1e-4, rtol=1e-4)
     removed = (masked == 0).all(dim=1)  # [N, H, W]
