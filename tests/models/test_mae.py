@@ -134,7 +134,7 @@ def test_fast_model_on_the_kernels_equals_its_torch_path(train, triton_path):
         assert rel_err(results[0][k], results[1][k]) < 1e-5, k
 
 
-def test_mask_ratio_zero_is_the_plain_autoencoder_loss():
+def test_mask_ratio_zero_is_the_plain_autoencoder_loss(torch_path):
     """Ratio 0: the reference divides by zero (NaN); mae_fast averages over every patch."""
     ref, fast = _pair("base_like")
     imgs, noise = _inputs(ref)
@@ -148,7 +148,7 @@ def test_mask_ratio_zero_is_the_plain_autoencoder_loss():
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
-def test_ratio_that_keeps_no_patch_like_the_reference(norm_pix):
+def test_ratio_that_keeps_no_patch_like_the_reference(norm_pix, torch_path):
     """K = 0 (3x3 grid, ratio 0.9): the encoder sees the cls token alone, the decoder only mask tokens; the
     same mask, pred, loss and gradients as the official model, and forward_train gives the same loss."""
     ref, fast = _pair("grid3", norm_pix)
@@ -164,7 +164,7 @@ def test_ratio_that_keeps_no_patch_like_the_reference(norm_pix):
         assert rel_err(g, g_ref[k]) < 1e-4, k
 
 
-def test_mask_ratio_as_numpy_or_tensor():
+def test_mask_ratio_as_numpy_or_tensor(torch_path):
     """The official model takes any real number for mask_ratio (numpy scalars, 0-d tensors): so does this one."""
     np = pytest.importorskip("numpy")
     ref, fast = _pair("base_like")
@@ -179,7 +179,7 @@ def test_mask_ratio_as_numpy_or_tensor():
 
 
 @pytest.mark.filterwarnings("ignore:var.*degrees of freedom:UserWarning")
-def test_empty_batch_like_the_reference():
+def test_empty_batch_like_the_reference(torch_path):
     """N = 0: empty pred and mask and a NaN loss (0 / 0), as the official model; backward gives zero gradients."""
     ref, fast = _pair("base_like")
     imgs, noise = _inputs(ref, N=0)
