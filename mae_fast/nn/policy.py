@@ -12,7 +12,8 @@
   (:func:`fused_choices`). While a tracer runs or a CUDA graph captures, nothing is measured: the cached
   choice, else the fused op. ``MAE_FAST_FUSED=fused|stock|auto`` (default auto) or :func:`set_fused_ops`
   forces one side. Elsewhere (the interpreter, an explicit ops path) the fused ops run: they are what is
-  tested there.
+  tested there. Each process measures for itself, so DDP ranks whose timings are close may choose differently
+  (both sides agree to the check's tolerance); force a side for bitwise-reproducible multi-GPU runs.
 - :func:`norm` / :func:`linear`: a model's LayerNorm and Linear through :func:`run` where the ops apply.
 - :func:`gemm_dtype`, :func:`is_layer_norm`: the dtype a GEMM runs in, and which norms the fused op replaces.
 - ``set_fused_blocks(False)`` turns the fused blocks off everywhere.
