@@ -8,9 +8,9 @@ import torch
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (0 when both are zero)."""
-    a = a.detach().double().cpu()
-    b = b.detach().double().cpu()
+    """||a - b|| / ||b|| in float64 on a's device (0 when both are zero; NaN when a is not finite)."""
+    a = a.detach().double()
+    b = b.detach().double().to(a.device)
     den = b.norm().item()
     num = (a - b).norm().item()
     return num if den == 0 else num / den

@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import timing
+from ..testing import rel_err
 
 
 BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "xformers", "mae_fast")
@@ -195,13 +196,6 @@ def _why(e: Exception) -> str:
     return f"unavailable: {type(e).__name__}: {first}"
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (NaN when a is not finite)."""
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm().item()
-    return (a - b).norm().item() / (den if den else 1.0)
-
-
 def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, grad: bool, tol: float,
                  warmup: int, reps: int):
     """(milliseconds, None) for a backend that runs correctly, else (None, why it was not chosen)."""
@@ -209,10 +203,10 @@ def _try_backend(name: str, full, g_out, ref, b: int, dropout_p: float, scale, g
     try:
         xs = [t[:b].clone().requires_grad_(grad) for t in full]
         out = _run(name, *xs, 0.0, scale)
-        errs = [_rel_err(out, ref_out)]
+        errs = [rel_err(out, ref_out)]
         if grad:
             grads = torch.autograd.grad(out, xs, g_out[:b], allow_unused=True)
-            errs += [_rel_err(torch.zeros_like(x) if a is None else a, r) for a, x, r in zip(grads, xs, ref_grads)]
+            errs += [rel_err(torch.zeros_like(x) if a is None else a, r) for a, x, r in zip(grads, xs, ref_grads)]
     except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape is simply not chosen
         return None, _why(e)
     worst = next((e for e in errs if not e <= tol), None)  # a NaN error (non-finite output) fails too
