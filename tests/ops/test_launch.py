@@ -24,27 +24,29 @@ s, br, b, out = (torch.empty(64, 32) for _ in range(4))
 args = (s, br, b, out, 64, 32, 32, 32, 16)
 meta = dict(HAS_BIAS=True, BLOCK_R=16, BLOCK_D=32, num_warps=4)
 
-def per_call_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    times = []
+def per_call_us(*fns, n=300):
+    # median microseconds per call of each of fns, timed call by call in turn (other load hits them alike)
+    for fn in fns:
+        for _ in range(20):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e6)
+    return [statistics.median(ts) for ts in times]
 
 def entries():
     return len(table.id_to_kernel) + len(table.constant_args)
 
 before = entries()
 n0 = len(calls)
-ours = per_call_us(lambda: launch(kernel)[(4, 1)](*args, **meta))
-ran = len(calls) - n0
+ours, direct = per_call_us(lambda: launch(kernel)[(4, 1)](*args, **meta), lambda: kernel[(4, 1)](*args, **meta))
+ran = (len(calls) - n0) // 2
 kept = entries() - before
-direct = per_call_us(lambda: kernel[(4, 1)](*args, **meta))
 before = entries()
-wrapped = per_call_us(lambda: torch.library.wrap_triton(kernel)[(4, 1)](*args, **meta), n=50)
+(wrapped,) = per_call_us(lambda: torch.library.wrap_triton(kernel)[(4, 1)](*args, **meta), n=50)
 print(json.dumps(dict(ours=ours, direct=direct, wrapped=wrapped, ran=ran, kept=kept,
                       wrapped_kept=entries() - before)))
 """
